@@ -1,0 +1,100 @@
+"""The Codec interface: the only thing the pipeline knows about a model.
+
+    codec = load_codec("uqdm-tiny")
+    data = codec.compress(img)                    # HxWx3 uint8 -> bytes
+    img2 = codec.decompress(data, steps=None)     # -> HxWx3 uint8
+
+Subclasses implement the batched pair; the single-image calls are thin wrappers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import bitstream
+from .bitstream import BitstreamError, Header
+from .registry import Weights
+
+
+class Codec(ABC):
+    """A learned image codec bound to one set of weights and one torch device."""
+
+    #: codec family written in every stream ("uqdm", "cdc")
+    family: str = ""
+    #: True when any prefix of a stream's chunks decodes (UQDM)
+    progressive: bool = False
+
+    def __init__(self, weights: Weights, device: str | torch.device | None = None):
+        if weights.codec != self.family:
+            raise ValueError(f"weights {weights.name!r} are for codec {weights.codec!r}, not {self.family!r}")
+        self.weights = weights
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def name(self) -> str:
+        return self.weights.name
+
+    @property
+    def weights_digest(self) -> bytes:
+        return self.weights.digest
+
+    def compress(self, img: np.ndarray) -> bytes:
+        return self.compress_batch([img])[0]
+
+    def decompress(self, data: bytes, steps: int | None = None, **options) -> np.ndarray:
+        return self.decompress_batch([data], steps=steps, **options)[0]
+
+    @abstractmethod
+    def compress_batch(self, imgs: Sequence[np.ndarray]) -> list[bytes]:
+        """Encode HxWx3 uint8 images (any sizes) to self-describing bitstreams."""
+
+    @abstractmethod
+    def decompress_batch(self, datas: Sequence[bytes], steps: int | None = None,
+                         **options) -> list[np.ndarray]:
+        """Decode bitstreams; `steps` is the number of diffusion steps to spend."""
+
+    def read_header(self, data: bytes) -> Header:
+        """Parse a stream's header and check that these weights can decode it."""
+        header = bitstream.read_header(data)
+        if header.codec != self.family:
+            raise BitstreamError(f"stream was written by codec {header.codec!r}; this is {self.family!r}")
+        if header.weights_digest != self.weights_digest:
+            raise BitstreamError(
+                f"stream was written with other weights (digest {header.weights_digest.hex()}); "
+                f"{self.name!r} has digest {self.weights_digest.hex()}")
+        return header
+
+    def unpack(self, data: bytes, n_chunks: int | None = None) -> tuple[Header, list[bytes]]:
+        self.read_header(data)
+        return bitstream.unpack(data, n_chunks)
+
+    def pack(self, height: int, width: int, chunks: list[bytes], params: bytes = b"") -> bytes:
+        return bitstream.pack(self.family, self.weights_digest, height, width, chunks, params)
+
+    @contextlib.contextmanager
+    def pinned_numerics(self) -> Iterator[None]:
+        """Make float results independent of the thread count, so decoders agree with encoders.
+
+        Entropy-coding tables are chosen from network outputs: encoder and decoder must
+        compute them bit-identically. On CPU, BLAS splits some reductions by thread count
+        (measured: a batch-1 attention matmul differs between 1, 2 and 4 threads), so the
+        networks run single-threaded; throughput comes from running one codec per core.
+        """
+        previous = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
+        else:  # same kernels on every call; TF32 would make GPU and CPU disagree more
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            torch.set_num_threads(previous)

@@ -1,0 +1,110 @@
+"""Turning image files and arrays into the HxWx3 uint8 arrays every codec takes.
+
+Every conversion is explicit and reported: callers get back a short note of what was
+done (e.g. "I;16->RGB (16-bit scaled to 8-bit)") so a manifest can record it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Refuse images whose header claims more pixels than this before decoding them
+# (decompression bombs); larger photos than this are not a use case.
+MAX_DECODED_PIXELS = 120_000_000
+
+
+class ImageDecodeError(ValueError):
+    """An input could not be turned into an RGB image; the message says why."""
+
+
+def as_rgb8(img: np.ndarray) -> np.ndarray:
+    """Validate an array for a codec: HxWx3 uint8, or gray (HxW / HxWx1) replicated to RGB.
+
+    Anything else (alpha, 16-bit, float) raises: convert it with `decode_image` or
+    `to_rgb8` first, so that no conversion happens silently.
+    """
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"codecs take uint8 pixels, got {arr.dtype}; convert with model.images.to_rgb8")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"codecs take HxWx3 RGB arrays, got shape {arr.shape}; "
+                         "convert RGBA or other layouts with model.images.to_rgb8")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"empty image of shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def to_rgb8(image: Image.Image) -> tuple[np.ndarray, str]:
+    """Convert any PIL image to HxWx3 uint8; returns the array and a note of the conversion."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8).copy(), "RGB"
+    if mode in ("L", "1"):
+        return as_rgb8(np.asarray(image.convert("L"))), f"{mode}->RGB (gray replicated)"
+    if mode == "F":
+        raise ImageDecodeError("floating-point images are not supported; export them as 8 or 16-bit")
+    if mode.startswith("I"):
+        return _high_depth_gray(image), f"{mode}->RGB (16-bit gray scaled to 8-bit)"
+    if mode == "P":
+        has_alpha = "transparency" in image.info
+        image, mode = image.convert("RGBA" if has_alpha else "RGB"), f"P->{'RGBA' if has_alpha else 'RGB'}"
+        if not has_alpha:
+            return np.asarray(image).copy(), f"{mode} (palette expanded)"
+    if mode in ("LA", "La"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "RGBa"):
+        rgba = np.asarray(image.convert("RGBA"))
+        alpha = rgba[:, :, 3:].astype(np.float32) / 255.0
+        if np.all(rgba[:, :, 3] == 255):
+            return rgba[:, :, :3].copy(), f"{mode}->RGB (opaque alpha dropped)"
+        on_white = rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
+        return np.round(on_white).astype(np.uint8), f"{mode}->RGB (alpha composited on white)"
+    return np.asarray(image.convert("RGB")).copy(), f"{mode}->RGB"
+
+
+def decode_image(data: bytes) -> tuple[np.ndarray, str]:
+    """Decode encoded image bytes (PNG, JPEG, WebP, ...) to HxWx3 uint8 and a conversion note.
+
+    Raises ImageDecodeError with the reason for empty, corrupt, truncated or oversized inputs.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (zero bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > MAX_DECODED_PIXELS:
+                    raise ImageDecodeError(
+                        f"decompression bomb: {width}x{height} exceeds {MAX_DECODED_PIXELS} pixels")
+                image.load()
+                oriented = ImageOps.exif_transpose(image)
+                array, note = to_rgb8(oriented)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
+    except Exception as exc:  # Pillow raises many types for bad data; all mean "not an image"
+        raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+    if oriented is not image:
+        note += " (EXIF orientation applied)"
+    return array, note
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(as_rgb8(img)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _high_depth_gray(image: Image.Image) -> np.ndarray:
+    values = np.asarray(image, dtype=np.float64)
+    return as_rgb8(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8))

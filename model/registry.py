@@ -1,0 +1,131 @@
+"""Weights files and the name -> codec registry.
+
+A weights file is one safetensors file whose metadata holds the codec family, the
+registry name, the JSON config and a provenance line (the command that made it).
+Nothing here unpickles anything.
+
+Names resolve, in order, to: a path to a file or folder; `<name>.safetensors` in
+$DIFFPRESS_WEIGHTS; in the weights shipped inside this package (model/weights/);
+in ~/.cache/diffpress/weights (where `jobs.import_uqdm` writes by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from .codec import Codec
+
+FORMAT = "diffpress-weights/1"
+SHIPPED_DIR = Path(__file__).parent / "weights"
+USER_DIR = Path.home() / ".cache" / "diffpress" / "weights"
+
+
+@dataclass
+class Weights:
+    codec: str
+    name: str
+    config: dict
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    provenance: str = ""
+
+    @property
+    def digest(self) -> bytes:
+        """16 bytes identifying config + tensor values, independent of file layout."""
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            cached = self.__dict__["_digest"] = weights_digest(self.codec, self.config, self.tensors)
+        return cached
+
+
+def weights_digest(codec: str, config: dict, tensors: dict[str, torch.Tensor]) -> bytes:
+    h = hashlib.sha256()
+    h.update(codec.encode())
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.digest()[:16]
+
+
+def save_weights(weights: Weights, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "codec": weights.codec, "name": weights.name,
+                "config": json.dumps(weights.config, sort_keys=True), "provenance": weights.provenance}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.tensors.items()}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def read_weights(path: str | Path) -> Weights:
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a diffpress weights file (metadata format {meta.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return Weights(meta["codec"], meta["name"], json.loads(meta["config"]), tensors, meta.get("provenance", ""))
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """Find the weights file for a registry name or a path; raise with a fix if none."""
+    candidate = Path(name_or_path)
+    if candidate.is_dir():
+        files = sorted(candidate.glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"{candidate} must hold exactly one .safetensors weights file")
+        return files[0]
+    if candidate.suffix == ".safetensors" or candidate.is_file():
+        if not candidate.is_file():
+            raise FileNotFoundError(f"no weights file at {candidate}")
+        return candidate
+    searched = search_dirs()
+    for folder in searched:
+        path = folder / f"{name_or_path}.safetensors"
+        if path.is_file():
+            return path
+    hint = ""
+    if str(name_or_path).startswith("uqdm"):
+        hint = (" The UQDM weights are the authors' checkpoint: import it once with "
+                "`python -m jobs.import_uqdm PATH/TO/uqdm-tiny` (a folder with config.json and checkpoint.pt).")
+    raise FileNotFoundError(
+        f"unknown codec weights {str(name_or_path)!r}; looked in {', '.join(map(str, searched))}. "
+        f"Available: {', '.join(available()) or 'none'}.{hint}")
+
+
+def search_dirs() -> list[Path]:
+    env = os.environ.get("DIFFPRESS_WEIGHTS")
+    return ([Path(env)] if env else []) + [SHIPPED_DIR, USER_DIR]
+
+
+def available() -> list[str]:
+    names = {p.stem for folder in search_dirs() if folder.is_dir() for p in folder.glob("*.safetensors")}
+    return sorted(names)
+
+
+def load_codec(name_or_path: str | Path, device: str | torch.device | None = None) -> Codec:
+    """Load a codec by registry name ("uqdm-tiny", "cdc-small-b0032", ...) or weights path."""
+    weights = read_weights(resolve(name_or_path))
+    return codec_class(weights.codec)(weights, device=device)
+
+
+def codec_class(family: str) -> type[Codec]:
+    # Imported here so that `model.registry` stays importable without the networks.
+    if family == "uqdm":
+        from .uqdm import UQDMCodec
+        return UQDMCodec
+    if family == "cdc":
+        from .cdc import CDCCodec
+        return CDCCodec
+    raise ValueError(f"unknown codec family {family!r}")
