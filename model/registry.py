@@ -54,7 +54,7 @@ def weights_digest(codec: str, config: dict, tensors: dict[str, torch.Tensor]) -
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.digest()[:16]
 
 

@@ -1,0 +1,35 @@
+"""Import the authors' UQDM checkpoint into our weights format.
+
+    python -m jobs.import_uqdm ../shared/weights/uqdm-tiny [--out PATH]
+
+Writes ~/.cache/diffpress/weights/uqdm-tiny.safetensors by default, where
+`load_codec("uqdm-tiny")` finds it (or set DIFFPRESS_WEIGHTS to the output folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from model.registry import USER_DIR, save_weights
+from model.uqdm_import import import_checkpoint
+
+log = logging.getLogger("jobs.import_uqdm")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="folder with the authors' config.json and checkpoint.pt")
+    parser.add_argument("--name", default="uqdm-tiny", help="registry name to import as")
+    parser.add_argument("--out", type=Path, help="output .safetensors path (default: the user weights folder)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    weights = import_checkpoint(args.source, name=args.name)
+    path = save_weights(weights, args.out or USER_DIR / f"{args.name}.safetensors")
+    log.info("wrote %s (digest %s)", path, weights.digest.hex())
+    return path
+
+
+if __name__ == "__main__":
+    main()
