@@ -1,0 +1,55 @@
+"""Compress webdataset shards into an archive of bitstreams + Parquet manifests, on Ray.
+
+    python -m jobs.compress_bucket --input URL_OR_GLOB --output URL --codec NAME
+        [--gpus-per-actor G] [--actors N] [--batch-size B] [--storage-options JSON]
+
+Locally Ray starts in-process; under `ray job submit` (RAY_ADDRESS set) it joins the
+cluster. With no --input it compresses sample shards made from matplotlib's photos.
+Rerunning resumes: committed shards are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.compress import CompressConfig, connect_ray, run_compress
+from pipeline.samples import build_sample_shards
+
+DEFAULT_CODEC = "uqdm-tiny"
+DEFAULT_OUTPUT = "out/compress_bucket"
+SAMPLE_SHARDS = "out/sample_shards"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.compress_bucket", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="shard folder, glob, tar URL, or a comma-separated list of them "
+                                        f"(default: sample shards built in {SAMPLE_SHARDS})")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"archive URL (default: {DEFAULT_OUTPUT})")
+    parser.add_argument("--codec", default=DEFAULT_CODEC, help=f"codec name or weights path (default: {DEFAULT_CODEC})")
+    parser.add_argument("--gpus-per-actor", type=float, help="GPUs per encoder (default: 1 if the cluster has GPUs)")
+    parser.add_argument("--actors", type=int, help="encoder actors (default: one per GPU, else one per CPU)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per encode call (default: 4)")
+    parser.add_argument("--storage-options", type=json.loads, default={},
+                        help='fsspec options as JSON, e.g. \'{"endpoint_url": "...", "key": "...", "secret": "..."}\'')
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    inputs = args.input or str(build_sample_shards(SAMPLE_SHARDS))
+    config = CompressConfig(inputs=inputs, output=args.output, codec=args.codec, actors=args.actors,
+                            gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
+                            storage_options=args.storage_options)
+    connect_ray()
+    summary = run_compress(config)
+    print(summary.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The archive's storage layout and its Parquet schemas (fixed by DESIGN.md).
+
+    _job.json                  codec, weights digest, config, versions, input list
+    manifest/<shard>.parquet   one row per encoded image (MANIFEST_SCHEMA)
+    data/<shard>.bin           that shard's bitstreams, concatenated
+    errors/<shard>.parquet     inputs that could not be encoded (ERRORS_SCHEMA)
+    _SUCCESS                   written last, with totals
+
+A shard is committed when its manifest exists. Columns beyond DESIGN.md's list:
+`source_member` (the image's member name, e.g. "jpg"), `source_mode` (the conversion
+applied to reach RGB, from model.images.decode_image) and `source_bytes` (size of the
+original image member), so the archive says what it replaced.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .storage import Location
+
+JOB_FILE = "_job.json"
+SUCCESS_FILE = "_SUCCESS"
+MANIFEST_DIR, DATA_DIR, ERRORS_DIR = "manifest", "data", "errors"
+
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("source_url", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("codec", pa.string()),
+    ("weights_digest", pa.string()),         # hex
+    ("data_url", pa.string()),
+    ("offset", pa.int64()),
+    ("length", pa.int64()),
+    ("chunk_lengths", pa.list_(pa.int64())),  # header bytes = length - sum(chunk_lengths)
+    ("crc32", pa.int64()),                    # of the record's bytes; int64 as Spark has no uint32
+    ("bpp", pa.float64()),
+    ("extras", pa.map_(pa.string(), pa.binary())),
+    ("source_member", pa.string()),
+    ("source_mode", pa.string()),
+    ("source_bytes", pa.int64()),
+])
+
+ERRORS_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("source_url", pa.string()),
+    ("member", pa.string()),
+    ("reason", pa.string()),
+])
+
+
+def manifest_path(shard: str) -> str:
+    return f"{MANIFEST_DIR}/{shard}.parquet"
+
+
+def data_path(shard: str) -> str:
+    return f"{DATA_DIR}/{shard}.bin"
+
+
+def errors_path(shard: str) -> str:
+    return f"{ERRORS_DIR}/{shard}.parquet"
+
+
+def to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
+    rows = list(rows)
+    return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
+
+
+def write_table(location: Location, relative: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    location.write_atomic(relative, buffer.getvalue())
+
+
+def read_tables(location: Location, folder: str, schema: pa.Schema) -> pa.Table:
+    """Every Parquet file of a layout folder as one table (empty when there are none)."""
+    tables = [pq.read_table(io.BytesIO(location.read(path)), schema=schema)
+              for path in location.list(folder, ".parquet")]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_manifests(location: Location) -> pa.Table:
+    return read_tables(location, MANIFEST_DIR, MANIFEST_SCHEMA)
+
+
+def read_errors(location: Location) -> pa.Table:
+    return read_tables(location, ERRORS_DIR, ERRORS_SCHEMA)
