@@ -33,8 +33,10 @@ from .storage import Location, Shard, list_shards, open_location, redact
 log = logging.getLogger(__name__)
 
 ARCHIVE_FORMAT = "diffpress-archive/1"
-# Environment the encoders need from the driver's (where `load_codec` finds weights).
-PASSED_ENV = ("DIFFPRESS_WEIGHTS",)
+# Driver environment every task needs: where `load_codec` finds weights, and botocore's
+# checksum mode (S3-compatible servers such as rclone's need "when_required"). Never
+# credentials: those travel only in storage options.
+PASSED_ENV = ("DIFFPRESS_WEIGHTS", "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
 ENCODES_PER_ACTOR = 2  # one running, one queued, so an actor never waits for the driver
 
 
@@ -158,6 +160,11 @@ def run_compress(config: CompressConfig) -> RunSummary:
     return summary
 
 
+def _runtime_env() -> dict | None:
+    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+    return {"env_vars": env} if env else None
+
+
 def _start_encoders(config: CompressConfig) -> tuple[list, bool]:
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
@@ -166,10 +173,8 @@ def _start_encoders(config: CompressConfig) -> tuple[list, bool]:
         count = config.actors or max(1, int(gpus // per_actor))
     else:
         count = config.actors or max(1, int(resources.get("CPU", 1)))
-    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
-    remote = ray.remote(Encoder).options(
-        num_cpus=1, num_gpus=per_actor, max_restarts=-1, max_task_retries=3,
-        runtime_env={"env_vars": env} if env else None)
+    remote = ray.remote(Encoder).options(num_cpus=1, num_gpus=per_actor, max_restarts=-1, max_task_retries=3,
+                                         runtime_env=_runtime_env())
     log.info("starting %d encoder actors (%s GPU each)", count, per_actor)
     return [remote.remote(config.codec, i) for i in range(count)], bool(per_actor)
 
@@ -184,7 +189,9 @@ class _Scheduler:
         # without, the encoders hold every CPU, so decode tasks reserve none (the driver
         # bounds how many run) and spread over the nodes.
         self.decode = decode_shard.options(num_cpus=1 if use_gpus else 0, scheduling_strategy="SPREAD",
-                                           _generator_backpressure_num_objects=2 * len(encoders) + 2)
+                                           _generator_backpressure_num_objects=2 * len(encoders) + 2,
+                                           runtime_env=_runtime_env())
+        self.commit = commit.options(runtime_env=_runtime_env())
         self.max_decoding = len(encoders) + 1
         self.todo: deque[Shard] = deque()
         self.decoding: dict = {}          # generator -> _ShardProgress
@@ -273,7 +280,7 @@ class _Scheduler:
         if progress.ready_to_commit:
             progress.committing = True
             encoded = [progress.encoded[n] for n in sorted(progress.encoded)]
-            ref = commit.remote(self.config.output, self.config.storage_options, progress.info, self.codec, *encoded)
+            ref = self.commit.remote(self.config.output, self.config.storage_options, progress.info, self.codec, *encoded)
             self.committing[ref] = progress
 
     def _on_committed(self, ref) -> None:

@@ -49,6 +49,8 @@ class Location:
         return self.fs.unstrip_protocol(self.path(*parts))
 
     def exists(self, *parts: str) -> bool:
+        # Other processes write here: a listing cached by s3fs would hide their files.
+        self.fs.invalidate_cache(self.path(*parts))
         return self.fs.exists(self.path(*parts))
 
     def read(self, *parts: str) -> bytes:
@@ -81,6 +83,7 @@ class Location:
         """Paths relative to the root of the files in `folder` whose names end with `suffix`."""
         if not self.exists(folder):
             return []
+        self.fs.invalidate_cache(self.path(folder))
         names = (posixpath.basename(p) for p in self.fs.ls(self.path(folder), detail=False))
         return sorted(posixpath.join(folder, n) for n in names if n.endswith(suffix))
 

@@ -1,0 +1,62 @@
+"""Decode an archive written by compress_bucket to PNGs or webdataset shards.
+
+    python -m jobs.decode --input OUTPUT_URL [--keys K ...] [--steps N] [--chunks N]
+        --to URL [--format png|wds] [--storage-options JSON]
+
+--chunks N decodes a progressive prefix (UQDM: header + first N chunks are fetched);
+--steps N sets the diffusion steps (CDC). `wds` writes decoded-000000.tar, ... with each
+key's PNG and its original extras (.cls, .txt, ...), like the input dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from tqdm import tqdm
+
+from model.images import encode_png
+from pipeline.archive import Archive
+from pipeline.shards import Sample, write_shard
+from pipeline.storage import open_location
+
+SAMPLES_PER_SHARD = 1000
+log = logging.getLogger("jobs.decode")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="archive URL (compress_bucket's --output)")
+    parser.add_argument("--to", required=True, help="folder URL to write into")
+    parser.add_argument("--keys", nargs="+", help="keys to decode (default: all)")
+    parser.add_argument("--steps", type=int, help="diffusion steps (CDC)")
+    parser.add_argument("--chunks", type=int, help="progressive prefix: number of chunks (UQDM)")
+    parser.add_argument("--format", choices=("png", "wds"), default="png")
+    parser.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    archive = Archive(args.input, args.storage_options)
+    target = open_location(args.to, args.storage_options)
+    keys = args.keys or archive.keys()
+    samples = []
+    for key in tqdm(keys, unit="image", desc="decode"):
+        png = encode_png(archive.decode(key, steps=args.steps, chunks=args.chunks))
+        if args.format == "png":
+            target.write_atomic(f"{key}.png", png)
+        else:
+            samples.append(Sample(key, {"png": png, **dict(archive.record(key)["extras"])}))
+    for number, start in enumerate(range(0, len(samples), SAMPLES_PER_SHARD)):
+        target.write_atomic(f"decoded-{number:06d}.tar", write_shard(samples[start:start + SAMPLES_PER_SHARD]))
+    log.info("decoded %d images into %s", len(keys), args.to)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
