@@ -118,7 +118,7 @@ class CDCCodec(Codec):
 
     def _to_padded_tensor(self, img: np.ndarray) -> torch.Tensor:
         height, width = img.shape[:2]
-        x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+        x = torch.tensor(img).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
         ph, pw = self._padded(height, width)
         # Edge replication: unlike reflection it works for 1-pixel images and adds no texture.
         return F.pad(x, (0, pw - width, 0, ph - height), mode="replicate").to(self.device)

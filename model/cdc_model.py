@@ -32,8 +32,9 @@ PRESETS: dict[str, dict] = {
 STRIDE = 64
 # Derived entropy-coding tables: rebuilt from the weights on load, never stored.
 TABLE_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
-# Gaussian scale quantization for the rANS tables (compressai's usual log-spaced table).
-SCALES = torch.exp(torch.linspace(math.log(0.11), math.log(256.0), 64))
+# Scales of the Gaussian rANS tables; a scale is rounded up to the next entry. compressai's
+# usual 64 entries (13% apart) cost ~3% over the likelihood-based rate; 256 cost ~0.5%.
+SCALES = torch.exp(torch.linspace(math.log(0.11), math.log(256.0), 256))
 _COSINE_OFFSET = 0.008
 
 

@@ -1,0 +1,168 @@
+"""CDC: real rANS bitstreams, rate fidelity, odd sizes, hostile streams, determinism, training."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model import BitstreamError, bitstream, load_codec
+
+from .conftest import REPO, PHOTOS, dev_photos
+
+WEIGHTS = "cdc-small-b0020"  # the warm-up rate; the others share the code paths
+
+
+@pytest.fixture(scope="module")
+def cdc():
+    return load_codec(WEIGHTS, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    return np.asarray(Image.open(dev_photos()[0]).convert("RGB"))
+
+
+def test_latent_symbols_roundtrip_through_real_bitstreams(cdc, photo):
+    crop = photo[100:260, 200:400]  # padded to 192 x 256
+    sent = cdc.encode_latents([crop])[0]
+    data = cdc.compress(crop)
+    z_symbols, y_symbols = cdc.decode_symbols(data)
+    assert z_symbols.shape == sent.z_symbols.shape == (1, cdc.model.config["hyper_channels"], 3, 4)
+    assert y_symbols.shape == sent.y_symbols.shape == (1, cdc.model.config["latent_channels"], 12, 16)
+    assert torch_equal(z_symbols, sent.z_symbols) and torch_equal(y_symbols, sent.y_symbols)
+    assert (sent.y_symbols != 0).any(), "an all-zero latent would make this test vacuous"
+    _, chunks = bitstream.unpack(data)
+    assert chunks == [sent.z_string, sent.y_string]
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def test_actual_size_within_2_percent_of_estimated_rate(cdc, photo):
+    sent = cdc.encode_latents([photo])[0]
+    payload_bits = 8 * (len(sent.z_string) + len(sent.y_string))
+    stream_bits = 8 * len(cdc.compress(photo))
+    assert abs(payload_bits - sent.estimated_bits) <= 0.02 * sent.estimated_bits, (payload_bits, sent.estimated_bits)
+    assert abs(stream_bits - sent.estimated_bits) <= 0.02 * sent.estimated_bits, (stream_bits, sent.estimated_bits)
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (17, 33), (64, 65), (3, 130)])
+def test_any_size_roundtrips_and_is_cropped_back(cdc, photo, height, width):
+    img = photo[:height, :width]
+    data = cdc.compress(img)
+    header = bitstream.read_header(data)
+    assert (header.height, header.width) == (height, width)
+    out = cdc.decompress(data, steps=1)
+    assert out.shape == (height, width, 3) and out.dtype == np.uint8
+
+
+def test_reconstruction_resembles_the_input(cdc, photo):
+    crop = photo[:128, :192]
+    out = cdc.decompress(cdc.compress(crop), steps=2).astype(np.float64)
+    psnr = 10 * np.log10(255.0 ** 2 / np.mean((out - crop) ** 2))
+    assert psnr > 18, psnr  # a trained model, not noise; the honest figures are in benchmarks/
+
+
+def test_truncated_corrupt_and_foreign_streams_raise(cdc, photo):
+    data = cdc.compress(photo[:64, :64])
+    for n in (0, 5, len(data) // 2, len(data) - 1):
+        with pytest.raises(BitstreamError):
+            cdc.decompress(data[:n], steps=1)
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(data), size=20, replace=False):
+        bad = bytearray(data)
+        bad[i] ^= 1 << int(rng.integers(8))
+        with pytest.raises(BitstreamError):
+            cdc.decompress(bytes(bad), steps=1)
+    header, chunks = bitstream.unpack(data)
+    foreign = [bitstream.pack("uqdm", cdc.weights_digest, 64, 64, chunks),
+               bitstream.pack("cdc", bytes(16), 64, 64, chunks),
+               cdc.pack(64, 64, chunks[:1]),
+               cdc.pack(64, 64, chunks, params=b"\x01"),
+               b"\x89PNG\r\n\x1a\n" + bytes(64)]
+    for stream in foreign:
+        with pytest.raises(BitstreamError):
+            cdc.decompress(stream, steps=1)
+
+
+def test_hostile_payload_with_valid_checksums_never_crashes(cdc):
+    """Random rANS strings under a valid header: an image or BitstreamError, never a crash."""
+    rng = np.random.default_rng(1)
+    for length in (0, 1, 3, 9, 200):
+        chunks = [rng.bytes(length), rng.bytes(length)]
+        try:
+            out = cdc.decompress(cdc.pack(70, 40, chunks), steps=1)
+        except BitstreamError:
+            continue
+        assert out.shape == (70, 40, 3)
+
+
+def test_steps_must_be_a_positive_integer(cdc, photo):
+    data = cdc.compress(photo[:16, :16])
+    for steps in (0, -1, 2.5, 10_000):
+        with pytest.raises(ValueError):
+            cdc.decompress(data, steps=steps)
+
+
+def digest(img: np.ndarray) -> str:
+    return hashlib.sha256(img.tobytes()).hexdigest()
+
+
+def test_decoding_is_deterministic_across_calls_and_thread_counts(cdc, photo, tmp_path):
+    crop = photo[50:150, 60:190]
+    data = cdc.compress(crop)
+    assert cdc.compress(crop) == data
+    first = cdc.decompress(data, steps=3)
+    assert digest(cdc.decompress(data, steps=3)) == digest(first)
+    (tmp_path / "stream.bin").write_bytes(data)
+    script = (
+        "import hashlib, sys, torch; torch.set_num_threads(2); from model import load_codec; "
+        f"c = load_codec({WEIGHTS!r}, device='cpu'); data = open(sys.argv[1], 'rb').read(); "
+        "print(hashlib.sha256(c.decompress(data, steps=3).tobytes()).hexdigest())")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "stream.bin")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip().splitlines()[-1] == digest(first)
+
+
+def test_stochastic_decoding_depends_on_the_seed_only(cdc, photo):
+    data = cdc.compress(photo[:64, :96])
+    a = cdc.decompress(data, steps=3, stochastic=True, seed=1)
+    assert digest(cdc.decompress(data, steps=3, stochastic=True, seed=1)) == digest(a)
+    assert digest(cdc.decompress(data, steps=3, stochastic=True, seed=2)) != digest(a)
+    assert digest(cdc.decompress(data, steps=3)) != digest(a)
+
+
+TINY = {"encoder_widths": [8, 8, 8, 8], "latent_channels": 8, "hyper_channels": 8,
+        "context_widths": [8, 8, 8, 8], "unet_widths": [8, 8, 8, 8]}
+
+
+def tiny_config(tmp_path, steps: int) -> dict:
+    return {"model": {"preset": "small", **TINY}, "beta": 0.01, "rho": 0.1, "steps": steps,
+            "batch_size": 2, "crop": 128, "lr": 3e-3, "aux_lr": 1e-2, "seed": 0,
+            "data": str(PHOTOS / "train"), "run_dir": str(tmp_path / "run"), "log_every": 5,
+            "checkpoint_every": 10, "name": "cdc-tiny", "export": str(tmp_path / "cdc-tiny.safetensors"),
+            "provenance": "tests/test_cdc.py"}
+
+
+def test_training_smoke_loss_falls_and_resume_continues(tmp_path):
+    from jobs.train import export, train
+
+    model, curve = train(tiny_config(tmp_path, steps=20))
+    assert [row["step"] for row in curve] == [5, 10, 15, 20]
+    assert all(np.isfinite(row["loss"]) for row in curve)
+    # Resuming continues at step 20 from the checkpoint (not from scratch) to step 40.
+    model, curve = train(tiny_config(tmp_path, steps=40))
+    assert [row["step"] for row in curve] == [5, 10, 15, 20, 25, 30, 35, 40]
+    losses = [row["loss"] for row in curve]
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+    path = export(model, curve, tiny_config(tmp_path, steps=40))
+    codec = load_codec(path, device="cpu")
+    img = np.asarray(Image.open(dev_photos()[1]).convert("RGB"))[:40, :50]
+    assert codec.decompress(codec.compress(img), steps=1).shape == (40, 50, 3)
+    assert path.with_suffix(".curve.csv").read_text().count("\n") == 1 + len(curve)
