@@ -32,7 +32,8 @@ _MODEL = constriction.stream.model.Categorical(perfect=False)
 def encode_offsets(offsets: np.ndarray, rows: ProbabilityRows) -> bytes:
     """Encode integer offsets; `rows(W)` gives each symbol's probabilities over [-W, W]."""
     offsets = np.asarray(offsets, dtype=np.int64).ravel()
-    window = int(np.abs(offsets).max()) if offsets.size else 0
+    # constriction needs at least two symbols in a distribution.
+    window = max(1, int(np.abs(offsets).max())) if offsets.size else 1
     if window > MAX_WINDOW:
         raise ValueError(f"symbol offset {window} exceeds the coder's window {MAX_WINDOW}")
     coder = constriction.stream.stack.AnsCoder()
@@ -71,6 +72,8 @@ def split_segments(chunk: bytes, count: int) -> list[bytes]:
     """Split a chunk written by `join_segments` into exactly `count` segments."""
     segments, pos = [], 0
     for _ in range(count):
+        if pos >= len(chunk):
+            raise BitstreamError(f"chunk holds fewer than the {count} segments its image needs")
         length, pos = _read_varint(chunk, pos)
         if pos + length > len(chunk):
             raise BitstreamError("segment runs past the end of its chunk")

@@ -41,7 +41,7 @@ from .uqdm_net import ScoreNet
 TILE = 64
 _PARAMS = struct.Struct(">HHI")  # tile size, tiles per batch, dither seed
 _CRC = struct.Struct(">I")
-_MAX_TILE_BATCH = 1024
+_MAX_TILE_BATCH = 64  # bounds the work done before a hostile stream is caught
 
 
 @dataclass(frozen=True)
@@ -88,15 +88,14 @@ class UQDMCodec(Codec):
     def compress_with_rates(self, img: np.ndarray) -> tuple[bytes, list[float]]:
         """Encode one image; also return the model's ideal bits per chunk (its negative ELBO)."""
         img = as_rgb8(img)
-        tiles, mask = _tile(img)
-        plan = _Plan(len(tiles), self.tile_batch)
+        height, width = img.shape[:2]
+        tiles = _tile(img)
         segments = [[] for _ in range(self.n_chunks)]
-        crcs = [0] * self.n_chunks
         ideal_bits = [0.0] * self.n_chunks
         with self.pinned_numerics():
-            for first, last in plan.groups():
+            for first, last in _groups(len(tiles), self.tile_batch):
                 x_raw = torch.from_numpy(tiles[first:last]).to(self.device)
-                m = torch.from_numpy(mask[first:last]).to(self.device)
+                m = torch.from_numpy(_group_mask(height, width, first, last)).to(self.device)
                 x = _to_unit(x_raw)
                 z = self._initial_latent(first, last)
                 for i, step in enumerate(self.steps):
@@ -106,18 +105,15 @@ class UQDMCodec(Codec):
                     k = torch.round((q_loc - p_loc) / step.delta + u) * m
                     z = p_loc + (k - u) * step.delta
                     symbols, rows = k[m].long().cpu().numpy(), _uq_rows(u, r, m)
-                    segments[i].append(entropy.encode_offsets(symbols, rows))
-                    crcs[i] = zlib.crc32(symbols.astype("<i4").tobytes(), crcs[i])
+                    segments[i].append(_encode_segment(symbols, rows, checked=symbols))
                     ideal_bits[i] += _ideal_bits(symbols, rows)
                 centre, rows = self._pixel_model(z, m)
                 pixels = x_raw[m].long().cpu().numpy()
-                offsets = pixels - centre
-                segments[-1].append(entropy.encode_offsets(offsets, rows))
-                crcs[-1] = zlib.crc32(pixels.astype("<i4").tobytes(), crcs[-1])
-                ideal_bits[-1] += _ideal_bits(offsets, rows)
-        chunks = [_CRC.pack(crc) + entropy.join_segments(segs) for crc, segs in zip(crcs, segments)]
+                segments[-1].append(_encode_segment(pixels - centre, rows, checked=pixels))
+                ideal_bits[-1] += _ideal_bits(pixels - centre, rows)
+        chunks = [entropy.join_segments(segs) for segs in segments]
         params = _PARAMS.pack(TILE, self.tile_batch, self.seed)
-        return self.pack(img.shape[0], img.shape[1], chunks, params), ideal_bits
+        return self.pack(height, width, chunks, params), ideal_bits
 
     # ------------------------------------------------------------------ decode
     def decompress_batch(self, datas: Sequence[bytes], steps: int | None = None,
@@ -137,45 +133,37 @@ class UQDMCodec(Codec):
             raise BitstreamError(f"UQDM stream has {len(header.chunk_lengths)} chunks; this model writes {self.n_chunks}")
         tile_batch, seed = _read_params(header.params)
         height, width = header.height, header.width
-        mask = _mask(height, width)
-        plan = _Plan(len(mask), tile_batch)
-        expected_crcs, segments = _split_chunks(chunks, plan.n_groups)
-        crcs = [0] * len(chunks)
-        out = np.zeros((len(mask), 3, TILE, TILE), dtype=np.uint8)
+        rows, cols = _grid(height, width)
+        groups = list(_groups(rows * cols, tile_batch))
+        # Check every chunk's framing before any network runs or any image is allocated.
+        segments = [entropy.split_segments(chunk, len(groups)) for chunk in chunks]
+        out = np.zeros((rows * cols, 3, TILE, TILE), dtype=np.uint8)
         with self.pinned_numerics():
-            for g, (first, last) in enumerate(plan.groups()):
-                m = torch.from_numpy(mask[first:last]).to(self.device)
+            for g, (first, last) in enumerate(groups):
+                m = torch.from_numpy(_group_mask(height, width, first, last)).to(self.device)
                 z = self._initial_latent(first, last, seed)
                 for i, step in enumerate(self.steps[:len(chunks)]):
                     p_loc, r = self._prior(z, step)
                     u = self._dither(first, last, i + 1, seed)
-                    rows = _uq_rows(u, r, m)
-                    symbols = entropy.decode_offsets(segments[i][g], int(m.sum()), rows)
-                    crcs[i] = zlib.crc32(symbols.astype("<i4").tobytes(), crcs[i])
+                    symbols = _decode_segment(segments[i][g], _uq_rows(u, r, m), m, i, lambda s: s)
                     k = torch.zeros_like(z)
                     k[m] = torch.from_numpy(symbols).to(z)
                     z = p_loc + (k - u) * step.delta
-                out[first:last] = self._reconstruct(z, m, len(chunks), segments, g, crcs).cpu().numpy()
-        if crcs != expected_crcs:
-            bad = [i for i, (a, b) in enumerate(zip(crcs, expected_crcs)) if a != b][0]
-            raise BitstreamError(
-                f"chunk {bad} decoded to other symbols than were encoded: the stream is corrupt, or this "
-                f"machine computes the model differently from the encoder's (e.g. GPU vs CPU)")
+                lossless = segments[-1][g] if len(chunks) == self.n_chunks else None
+                out[first:last] = self._reconstruct(z, m, len(chunks), lossless).cpu().numpy()
         return _untile(out, height, width)
 
     def _reconstruct(self, z: torch.Tensor, m: torch.Tensor, n_chunks: int,
-                     segments: list[list[bytes]], group: int, crcs: list[int]) -> torch.Tensor:
+                     lossless: bytes | None) -> torch.Tensor:
         if n_chunks < self.n_steps:  # denoise: the network's guess of x from z_t
             step = self.steps[n_chunks]
             eps, _ = self.net(z, torch.tensor(step.gamma_t, device=self.device))
             x_hat = ((z - step.sigma_t * eps) / step.alpha_t).clamp(-1, 1)
             return _to_pixels(x_hat / self.alpha_0)
-        if n_chunks == self.n_steps:  # argmax of p(x | z_0)
+        if lossless is None:  # argmax of p(x | z_0)
             return _to_pixels(z / self.alpha_0)
         centre, rows = self._pixel_model(z, m)
-        offsets = entropy.decode_offsets(segments[-1][group], int(m.sum()), rows)
-        pixels = np.clip(centre + offsets, 0, 255)
-        crcs[-1] = zlib.crc32(pixels.astype("<i4").tobytes(), crcs[-1])
+        pixels = _decode_segment(lossless, rows, m, n_chunks - 1, lambda offsets: np.clip(centre + offsets, 0, 255))
         x = torch.zeros(m.shape, dtype=torch.uint8, device=self.device)
         x[m] = torch.from_numpy(pixels.astype(np.uint8)).to(self.device)
         return x
@@ -267,16 +255,28 @@ def _to_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) * 128.0 - 0.5).round().clamp(0, 255).to(torch.uint8)
 
 
-class _Plan:
+def _groups(n_tiles: int, tile_batch: int):
     """Tiles are processed, and their symbols framed, in fixed groups of `tile_batch`."""
+    for first in range(0, n_tiles, tile_batch):
+        yield first, min(first + tile_batch, n_tiles)
 
-    def __init__(self, n_tiles: int, tile_batch: int):
-        self.n_tiles, self.tile_batch = n_tiles, tile_batch
-        self.n_groups = -(-n_tiles // tile_batch)
 
-    def groups(self):
-        for first in range(0, self.n_tiles, self.tile_batch):
-            yield first, min(first + self.tile_batch, self.n_tiles)
+def _encode_segment(offsets: np.ndarray, rows: entropy.ProbabilityRows, checked: np.ndarray) -> bytes:
+    """A CRC of what the decoder must reproduce, then the entropy-coded offsets."""
+    return _CRC.pack(zlib.crc32(checked.astype("<i4").tobytes())) + entropy.encode_offsets(offsets, rows)
+
+
+def _decode_segment(segment: bytes, rows: entropy.ProbabilityRows, m: torch.Tensor, chunk: int,
+                    finish) -> np.ndarray:
+    """Decode one segment, turn offsets into the checked values with `finish`, verify the CRC."""
+    if len(segment) < _CRC.size:
+        raise BitstreamError("UQDM segment too short")
+    values = finish(entropy.decode_offsets(segment[_CRC.size:], int(m.sum()), rows))
+    if zlib.crc32(values.astype("<i4").tobytes()) != _CRC.unpack_from(segment)[0]:
+        raise BitstreamError(
+            f"chunk {chunk} decoded to other values than were encoded: the stream is corrupt, or this "
+            "machine computes the model differently from the encoder's (e.g. GPU vs CPU)")
+    return values
 
 
 def _read_params(params: bytes) -> tuple[int, int]:
@@ -288,36 +288,27 @@ def _read_params(params: bytes) -> tuple[int, int]:
     return tile_batch, seed
 
 
-def _split_chunks(chunks: list[bytes], n_groups: int) -> tuple[list[int], list[list[bytes]]]:
-    """Check every chunk's framing up front, before any network runs."""
-    crcs, segments = [], []
-    for chunk in chunks:
-        if len(chunk) < _CRC.size:
-            raise BitstreamError("UQDM chunk too short")
-        crcs.append(_CRC.unpack_from(chunk)[0])
-        segments.append(entropy.split_segments(chunk[_CRC.size:], n_groups))
-    return crcs, segments
-
-
 def _grid(height: int, width: int) -> tuple[int, int]:
     return -(-height // TILE), -(-width // TILE)
 
 
-def _tile(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """HxWx3 -> (N, 3, 64, 64) edge-padded tiles in row-major order, and the real-pixel mask."""
+def _tile(img: np.ndarray) -> np.ndarray:
+    """HxWx3 -> (N, 3, 64, 64) edge-padded tiles in row-major order."""
     height, width, _ = img.shape
     rows, cols = _grid(height, width)
     padded = np.pad(img, ((0, rows * TILE - height), (0, cols * TILE - width), (0, 0)), mode="edge")
     tiles = padded.reshape(rows, TILE, cols, TILE, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, TILE, TILE)
-    return np.ascontiguousarray(tiles), _mask(height, width)
+    return np.ascontiguousarray(tiles)
 
 
-def _mask(height: int, width: int) -> np.ndarray:
-    rows, cols = _grid(height, width)
-    real = np.zeros((rows * TILE, cols * TILE), dtype=bool)
-    real[:height, :width] = True
-    tiles = real.reshape(rows, TILE, cols, TILE).transpose(0, 2, 1, 3).reshape(-1, 1, TILE, TILE)
-    return np.ascontiguousarray(np.broadcast_to(tiles, (tiles.shape[0], 3, TILE, TILE)))
+def _group_mask(height: int, width: int, first: int, last: int) -> np.ndarray:
+    """Which elements of tiles first..last-1 are real pixels (the rest is padding, never coded)."""
+    cols = _grid(height, width)[1]
+    mask = np.zeros((last - first, 3, TILE, TILE), dtype=bool)
+    for j, tile in enumerate(range(first, last)):
+        row, col = divmod(tile, cols)
+        mask[j, :, :height - row * TILE, :width - col * TILE] = True
+    return mask
 
 
 def _untile(tiles: np.ndarray, height: int, width: int) -> np.ndarray:
