@@ -66,11 +66,11 @@ def cell(value: float | None, spec: str) -> str:
 
 def print_rd(results: dict) -> None:
     print(f"{'codec':18} {'bpp':>6} {'PSNR':>6} {'MS-SSIM':>7} {'gap%':>5} {'dec s':>6} | "
-          + " | ".join(f"{c.upper():>4} PSNR@bpp  MS-SSIM  bpp@PSNR" for c in CLASSICAL))
+          + " | ".join(f"{c.upper():>4} PSNR@bpp  MS-SSIM  bpp@PSNR  beats" for c in CLASSICAL))
     for name, r in results.items():
         m = r["mean"]
         cells = [f"{cell(c['psnr_at_matched_bpp'], '13.2f')} {cell(c['msssim_at_matched_bpp'], '8.4f')} "
-                 f"{cell(c['bpp_for_equal_psnr'], '9.4f')}" for c in r["classical"].values()]
+                 f"{cell(c['bpp_for_equal_psnr'], '9.4f')} {100 * c['dominates_share']:5.0f}%" for c in r["classical"].values()]
         print(f"{name:18} {m['bpp']:6.4f} {m['psnr']:6.2f} {m['msssim']:7.4f} {100 * r['rate_gap_mean']:5.2f} "
               f"{m['decode_s']:6.2f} | " + " | ".join(cells))
 
