@@ -1,7 +1,7 @@
 """CDC rate-distortion vs JPEG/WebP/AVIF/HEVC at matched bpp, and the DDIM-steps knob.
 
     python -m benchmarks.cdc_rd                       # both parts, every shipped cdc-small-* rate
-    python -m benchmarks.cdc_rd --part steps --knob-codec cdc-small-b0020
+    python -m benchmarks.cdc_rd --part steps --knob-codec cdc-small-b0010
 
 Writes benchmarks/results/cdc_rd.json and cdc_steps.json and prints tables. Timings are
 single-threaded CPU (the codec pins one thread so encoder and decoder agree bit for bit).
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--part", choices=["rd", "steps", "all"], default="all")
     p.add_argument("--rates", nargs="+", help="codecs for the RD table (default: shipped cdc-small-*)")
     p.add_argument("--images", default=str(DEV))
-    p.add_argument("--knob-codec", default="cdc-small-b0020")
+    p.add_argument("--knob-codec", default="cdc-small-b0010")
     p.add_argument("--knob-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)

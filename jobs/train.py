@@ -1,8 +1,8 @@
 """Train a CDC codec with Ray Train and export it as a registry weights file.
 
-    python -m jobs.train --name cdc-small-b0008 --beta 0.0008 --steps 6000
-    python -m jobs.train --name cdc-small-b0032 --beta 0.0032 --steps 1500 \
-        --init-from model/weights/cdc-small-b0008.safetensors          # fine-tune per rate
+    python -m jobs.train --name cdc-small-b0010 --beta 0.001 --steps 6000
+    python -m jobs.train --name cdc-small-b0040 --beta 0.004 --steps 1500 \
+        --init-from model/weights/cdc-small-b0010.safetensors          # fine-tune per rate
     python -m jobs.train --preset paper --workers 8 --gpu ...           # on a GPU cluster
 
 Loss (Yang & Mandt 2023): beta * bpp + (1 - rho) * diffusion loss + rho * perceptual, where
@@ -191,7 +191,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=1e9, help="stop (and checkpoint) after this long")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--aux-lr", type=float, default=1e-2, help="learning rate of the z-density quantiles")
     p.add_argument("--init-from", help="weights file to fine-tune from")
     p.add_argument("--data", default=str(DEFAULT_DATA))

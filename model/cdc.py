@@ -4,7 +4,7 @@ Stream layout (inside the model.bitstream container): chunk 0 is the rANS string
 hyper-latent z, chunk 1 that of the latent y. The image is padded (edge replication) to a
 multiple of 64, so the latent shapes follow from the header's image size; `params` is empty.
 
-    codec = load_codec("cdc-small-b0032")
+    codec = load_codec("cdc-small-b0040")
     data = codec.compress(img)
     img2 = codec.decompress(data, steps=4)                      # deterministic DDIM
     img3 = codec.decompress(data, stochastic=True, seed=7)      # DDIM with eta = 1

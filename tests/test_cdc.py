@@ -14,7 +14,7 @@ from model import BitstreamError, bitstream, load_codec
 
 from .conftest import REPO, PHOTOS, dev_photos
 
-WEIGHTS = "cdc-small-b0020"  # the warm-up rate; the others share the code paths
+WEIGHTS = "cdc-small-b0010"  # the warm-up rate; the others share the code paths
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +166,16 @@ def test_training_smoke_loss_falls_and_resume_continues(tmp_path):
     img = np.asarray(Image.open(dev_photos()[1]).convert("RGB"))[:40, :50]
     assert codec.decompress(codec.compress(img), steps=1).shape == (40, 50, 3)
     assert path.with_suffix(".curve.csv").read_text().count("\n") == 1 + len(curve)
+
+
+def test_paper_preset_runs_the_same_code_at_the_authors_sizes():
+    import torch
+
+    from model.cdc_model import CDCModel
+
+    small, paper = CDCModel({"preset": "small"}), CDCModel({"preset": "paper"})
+    assert sum(p.numel() for p in paper.parameters()) > 20 * sum(p.numel() for p in small.parameters())
+    losses = paper(torch.rand(1, 3, 128, 128) * 2 - 1, beta=0.001, rho=0.5)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="crops larger than"):
+        paper(torch.zeros(1, 3, 64, 64), beta=0.001, rho=0.5)
