@@ -1,0 +1,176 @@
+"""compress_bucket end to end on a private in-process Ray: faults, exactness, resume, readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from ray._private import state
+
+from jobs import decode as decode_job
+from model import decode_image
+from pipeline.archive import Archive, ArchiveError
+from pipeline.compress import CompressConfig, run_compress
+from pipeline.loader import ArchiveDataset
+from pipeline.manifest import SUCCESS_FILE, data_path, manifest_path, read_errors, read_manifests
+from pipeline.stages import reason_category
+from pipeline.storage import open_location
+
+from .pipeline_fixtures import build_dataset, local_ray  # noqa: F401 - fixture
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return build_dataset(tmp_path_factory.mktemp("in"))
+
+
+@pytest.fixture(scope="module")
+def archive_dir(tmp_path_factory, dataset, local_ray):  # noqa: F811
+    out = tmp_path_factory.mktemp("out")
+    summary = run_compress(CompressConfig(str(dataset.folder), str(out), "uqdm-tiny", actors=2, batch_size=2))
+    return out, summary
+
+
+def manifest_rows(folder) -> list[dict]:
+    return read_manifests(open_location(str(folder))).to_pylist()
+
+
+def test_every_good_image_once_and_every_fault_with_its_reason(archive_dir, dataset):
+    out, summary = archive_dir
+    rows = manifest_rows(out)
+    assert sorted(r["key"] for r in rows) == sorted(dataset.good)
+    errors = read_errors(open_location(str(out))).to_pylist()
+    by_key = {e["key"] or "trunc2": reason_category(e["reason"]) for e in errors}
+    assert by_key == dataset.faults
+    assert summary.images == len(dataset.good) and sum(summary.errors_by_reason.values()) == len(dataset.faults)
+    assert json.loads((out / SUCCESS_FILE).read_text())["images"] == len(dataset.good)
+    job = json.loads((out / "_job.json").read_text())
+    assert job["codec"] == "uqdm-tiny" and len(job["inputs"]) == 3 and job["config"]["actors"] == 2
+
+
+def test_rows_describe_their_records_and_carry_extras(archive_dir, dataset, uqdm):
+    out, _ = archive_dir
+    for row in manifest_rows(out):
+        sample = dataset.good[row["key"]]
+        image, mode = decode_image(sample.members[row["source_member"]])
+        assert (row["height"], row["width"], row["source_mode"]) == (*image.shape[:2], mode)
+        assert dict(row["extras"]) == {k: v for k, v in sample.members.items() if k != row["source_member"]}
+        assert row["weights_digest"] == uqdm.weights_digest.hex() and row["codec"] == "uqdm-tiny"
+        assert row["bpp"] == pytest.approx(8 * row["length"] / (row["width"] * row["height"]))
+        assert len(row["chunk_lengths"]) == uqdm.n_chunks
+
+
+def test_records_decode_bit_exactly_like_the_codec_in_process(archive_dir, dataset, uqdm):
+    out, _ = archive_dir
+    archive = Archive(str(out), codec=uqdm)
+    for key in archive.keys():
+        sample = dataset.good[key]
+        image, _ = decode_image(sample.members[archive.record(key)["source_member"]])
+        assert np.array_equal(archive.decode(key), uqdm.decompress(uqdm.compress(image)))
+
+
+def test_progressive_prefix_reads_only_the_first_chunks(archive_dir, uqdm):
+    out, _ = archive_dir
+    archive = Archive(str(out), codec=uqdm)
+    key = archive.keys()[0]
+    row = archive.record(key)
+    prefix = archive.read(key, chunks=2)
+    assert len(prefix) == row["length"] - sum(row["chunk_lengths"][2:])
+    assert np.array_equal(archive.decode(key, chunks=2), uqdm.decompress(archive.read(key), chunks=2))
+
+
+def test_corrupt_record_is_refused(archive_dir, tmp_path, uqdm):
+    out, _ = archive_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    row = manifest_rows(copy)[0]
+    blob_path = copy / "data" / row["data_url"].rsplit("/", 1)[1]
+    blob = bytearray(blob_path.read_bytes())
+    blob[row["offset"] + row["length"] - 1] ^= 0xFF
+    blob_path.write_bytes(bytes(blob))
+    with pytest.raises(ArchiveError, match="crc32"):
+        Archive(str(copy), codec=uqdm).read(row["key"])
+
+
+def test_manifests_read_by_pyarrow_and_duckdb(archive_dir, dataset):
+    out, _ = archive_dir
+    table = pq.read_table(str(out / "manifest"))
+    assert table.num_rows == len(dataset.good)
+    count, avg_bpp = duckdb.sql(f"SELECT count(*), avg(bpp) FROM '{out}/manifest/*.parquet'").fetchall()[0]
+    assert count == len(dataset.good) and avg_bpp == pytest.approx(np.mean(table["bpp"].to_pylist()))
+    cls = duckdb.sql(f"SELECT key, decode(extras['cls']) FROM '{out}/manifest/*.parquet' ORDER BY key").fetchall()
+    assert dict(cls)["img001"] == "1"
+
+
+def test_loader_and_decode_job_read_the_archive(archive_dir, tmp_path, uqdm):
+    out, _ = archive_dir
+    samples = {s["key"]: s for s in ArchiveDataset(str(out), keys=["img000", "img001"])}
+    assert set(samples) == {"img000", "img001"} and samples["img001"]["extras"]["cls"] == b"1"
+    decode_job.main(["--input", str(out), "--to", str(tmp_path / "png"), "--keys", "img000", "img001"])
+    png, _ = decode_image((tmp_path / "png" / "img001.png").read_bytes())
+    assert np.array_equal(png, samples["img001"]["image"].numpy())
+
+
+def test_rerun_skips_committed_shards_and_redoes_a_crashed_one(archive_dir, tmp_path, dataset):
+    """A crash after the blob was written but before the manifest: the rerun redoes that shard."""
+    out, _ = archive_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / manifest_path("shard-001")).unlink()
+    (copy / data_path("shard-001")).write_bytes(b"partial")
+    (copy / SUCCESS_FILE).unlink()
+    untouched = (copy / manifest_path("shard-000")).stat().st_mtime_ns
+    summary = run_compress(CompressConfig(str(dataset.folder), str(copy), "uqdm-tiny", actors=1, batch_size=4))
+    assert summary.shards_skipped == 2 and summary.run_images == 3
+    assert (copy / manifest_path("shard-000")).stat().st_mtime_ns == untouched
+    rows = manifest_rows(copy)
+    assert Counter(r["key"] for r in rows) == Counter(list(dataset.good))
+    assert (copy / SUCCESS_FILE).exists()
+    Archive(str(copy)).read("img005")  # the redone shard's records verify
+
+
+def test_other_weights_are_refused_in_an_existing_archive(archive_dir, dataset, tmp_path):
+    out, _ = archive_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    job = json.loads((copy / "_job.json").read_text())
+    (copy / "_job.json").write_text(json.dumps({**job, "weights_digest": "00" * 16}))
+    with pytest.raises(ValueError, match="already holds an archive made with"):
+        run_compress(CompressConfig(str(dataset.folder), str(copy), "uqdm-tiny", actors=1))
+
+
+def live_encoders() -> dict[str, int]:
+    """Actor id -> PID of every live encoder actor (from the GCS: no dashboard needed)."""
+    return {actor_id: a["Pid"] for actor_id, a in state.actors().items()
+            if a["ActorClassName"].endswith("Encoder") and a["State"] == "ALIVE" and a["Pid"]}
+
+
+@pytest.mark.slow
+def test_killed_encoder_is_replaced_and_every_image_lands_once(tmp_path, local_ray):  # noqa: F811
+    data = build_dataset(tmp_path / "in", n_good=12, faults=False)
+    out = tmp_path / "out"
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(summary=run_compress(
+        CompressConfig(str(data.folder), str(out), "uqdm-tiny", actors=2, batch_size=1))))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while len(live_encoders()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # let encodes get under way
+    victim, pid = next(iter(live_encoders().items()))
+    assert worker.is_alive(), "the job finished before an encoder could be killed: give it more images"
+    os.kill(pid, signal.SIGKILL)
+    worker.join(300)
+    assert not worker.is_alive() and "summary" in result
+    assert state.actors()[victim]["NumRestarts"] >= 1
+    assert Counter(r["key"] for r in manifest_rows(out)) == Counter(list(data.good))
+    assert read_errors(open_location(str(out))).num_rows == 0
