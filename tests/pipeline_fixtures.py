@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -154,12 +155,13 @@ def private_temp_dir() -> str:
 
 @pytest.fixture(scope="module")
 def local_ray(weights_dir):
-    """Our own in-process Ray on 2 CPUs, started after DIFFPRESS_WEIGHTS is set."""
+    """Our own in-process Ray on 2 CPUs, started after DIFFPRESS_WEIGHTS is set; yields its temp dir."""
     os.environ.update(S3_ENV)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=private_temp_dir(),
-             log_to_driver=False)
-    yield
+    temp_dir = private_temp_dir()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    yield Path(temp_dir)
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @dataclass
