@@ -61,12 +61,14 @@ class CDCCodec(Codec):
 
     # ----- decoding ------------------------------------------------------------------------
     def decompress_batch(self, datas: Sequence[bytes], steps: int | None = None,
-                         stochastic: bool = False, seed: int = DEFAULT_SEED) -> list[np.ndarray]:
+                         stochastic: bool = False, seed: int | None = DEFAULT_SEED) -> list[np.ndarray]:
         """Decode streams with `steps` DDIM steps (default: the config's).
 
-        Deterministic decoding (eta = 0) starts from seeded noise; `stochastic=True` uses
-        eta = 1 and draws fresh noise from the same seed at every step, so it is also
-        reproducible for a given seed while texture changes with the seed.
+        Deterministic decoding (eta = 0) starts from noise drawn with `seed`; `stochastic=True`
+        uses eta = 1, drawing fresh noise at every step from the same generator: the texture
+        changes with the seed, and `seed=None` draws a new one each call.
+        Streams are decoded one at a time, so a stream's pixels never depend on which other
+        streams share its batch (batched convolutions may round differently).
         """
         steps = self.default_steps if steps is None else steps
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
@@ -75,7 +77,11 @@ class CDCCodec(Codec):
         with self.pinned_numerics():
             for data in datas:
                 height, width, y_hat = self._decode_latents(data)
-                generator = torch.Generator().manual_seed(seed)
+                generator = torch.Generator()
+                if seed is None:
+                    generator.seed()
+                else:
+                    generator.manual_seed(seed)
                 noise = torch.randn((1, 3, *self._padded(height, width)), generator=generator)
                 context = self.model.conditioning(y_hat)
                 x0 = self.model.sample(context, noise.to(self.device), steps,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model import BitstreamError, bitstream, load_codec
+from model import BitstreamError, available, bitstream, load_codec
 
 from .conftest import REPO, PHOTOS, dev_photos
 
@@ -44,7 +44,21 @@ def torch_equal(a, b) -> bool:
     return a.shape == b.shape and bool((a == b).all())
 
 
-def test_actual_size_within_2_percent_of_estimated_rate(cdc, photo):
+def shipped_rates() -> list[str]:
+    """Shipped cdc-small-bNNNN weights, by increasing beta (decreasing rate)."""
+    return sorted((n for n in available() if n.startswith("cdc-small-b")), key=lambda n: int(n[-4:]))
+
+
+def test_three_rates_are_shipped_and_higher_beta_spends_fewer_bits(photo):
+    rates = shipped_rates()
+    assert len(rates) >= 3, rates
+    sizes = [len(load_codec(name, device="cpu").compress(photo)) for name in rates]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes), dict(zip(rates, sizes))
+
+
+@pytest.mark.parametrize("name", shipped_rates())
+def test_actual_size_within_2_percent_of_estimated_rate(name, photo):
+    cdc = load_codec(name, device="cpu")
     sent = cdc.encode_latents([photo])[0]
     payload_bits = 8 * (len(sent.z_string) + len(sent.y_string))
     stream_bits = 8 * len(cdc.compress(photo))
