@@ -104,13 +104,13 @@ class UQDMCodec(Codec):
                     q_loc = step.alpha_s * ((1 - step.expm1) / step.alpha_t * z + step.expm1 * x)
                     k = torch.round((q_loc - p_loc) / step.delta + u) * m
                     z = p_loc + (k - u) * step.delta
-                    symbols, rows = k[m].long().cpu().numpy(), _uq_rows(u, r, m)
-                    segments[i].append(_encode_segment(symbols, rows, checked=symbols))
-                    ideal_bits[i] += _ideal_bits(symbols, rows)
-                centre, rows = self._pixel_model(z, m)
+                    symbols, log_rows = k[m].long().cpu().numpy(), _uq_log_rows(u, r, m)
+                    segments[i].append(_encode_segment(symbols, log_rows, checked=symbols))
+                    ideal_bits[i] += _ideal_bits(symbols, log_rows)
+                centre, log_rows = self._pixel_model(z, m)
                 pixels = x_raw[m].long().cpu().numpy()
-                segments[-1].append(_encode_segment(pixels - centre, rows, checked=pixels))
-                ideal_bits[-1] += _ideal_bits(pixels - centre, rows)
+                segments[-1].append(_encode_segment(pixels - centre, log_rows, checked=pixels))
+                ideal_bits[-1] += _ideal_bits(pixels - centre, log_rows)
         chunks = [entropy.join_segments(segs) for segs in segments]
         params = _PARAMS.pack(TILE, self.tile_batch, self.seed)
         return self.pack(height, width, chunks, params), ideal_bits
@@ -145,7 +145,7 @@ class UQDMCodec(Codec):
                 for i, step in enumerate(self.steps[:len(chunks)]):
                     p_loc, r = self._prior(z, step)
                     u = self._dither(first, last, i + 1, seed)
-                    symbols = _decode_segment(segments[i][g], _uq_rows(u, r, m), m, i, lambda s: s)
+                    symbols = _decode_segment(segments[i][g], _uq_log_rows(u, r, m), m, i, lambda s: s)
                     k = torch.zeros_like(z)
                     k[m] = torch.from_numpy(symbols).to(z)
                     z = p_loc + (k - u) * step.delta
@@ -162,8 +162,8 @@ class UQDMCodec(Codec):
             return _to_pixels(x_hat / self.alpha_0)
         if lossless is None:  # argmax of p(x | z_0)
             return _to_pixels(z / self.alpha_0)
-        centre, rows = self._pixel_model(z, m)
-        pixels = _decode_segment(lossless, rows, m, n_chunks - 1, lambda offsets: np.clip(centre + offsets, 0, 255))
+        centre, log_rows = self._pixel_model(z, m)
+        pixels = _decode_segment(lossless, log_rows, m, n_chunks - 1, lambda offsets: np.clip(centre + offsets, 0, 255))
         x = torch.zeros(m.shape, dtype=torch.uint8, device=self.device)
         x[m] = torch.from_numpy(pixels.astype(np.uint8)).to(self.device)
         return x
@@ -178,18 +178,18 @@ class UQDMCodec(Codec):
         return p_loc, scale / step.delta
 
     def _pixel_model(self, z_0: torch.Tensor, m: torch.Tensor):
-        """p(x | z_0) as integer centres and probability rows over offsets (VDM's decoder)."""
+        """p(x | z_0) as integer centres and log-probability rows over offsets (VDM's decoder)."""
         centre_f = ((z_0[m] / self.alpha_0 + 1.0) * 128.0 - 0.5).double().cpu().numpy()
         centre = np.clip(np.round(centre_f), 0, 255).astype(np.int64)
         precision = math.exp(-self.gamma_0) / 128.0 ** 2  # of the Gaussian, in pixel units
 
-        def rows(window: int) -> np.ndarray:
+        def log_rows(window: int) -> np.ndarray:
             values = centre[:, None] + np.arange(-window, window + 1)[None, :]
             logits = -0.5 * precision * (values - centre_f[:, None]) ** 2
             logits = np.where((values >= 0) & (values <= 255), logits, -np.inf)
-            return np.exp(logits - logits.max(axis=1, keepdims=True))
+            return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
 
-        return centre, rows
+        return centre, log_rows
 
     def _initial_latent(self, first: int, last: int, seed: int | None = None) -> torch.Tensor:
         return self._noise(first, last, 0, seed, torch.randn)
@@ -220,31 +220,32 @@ def _step(gamma_t: float, gamma_s: float) -> Step:
                 expm1=expm1, delta=sigma_s * math.sqrt(12.0 * expm1), gamma_t=gamma_t)
 
 
-def _uq_rows(u: torch.Tensor, r: torch.Tensor, m: torch.Tensor) -> entropy.ProbabilityRows:
-    """P(k | u) of universal quantization under a logistic prior of scale r (in steps)."""
+def _uq_log_rows(u: torch.Tensor, r: torch.Tensor, m: torch.Tensor) -> entropy.ProbabilityRows:
+    """log P(k | u) of universal quantization under a logistic prior of scale r (in steps)."""
     u_m = u[m].double().cpu().numpy()[:, None]
     r_m = r[m].double().cpu().numpy()[:, None]
 
-    def rows(window: int) -> np.ndarray:
+    def log_rows(window: int) -> np.ndarray:
         a = np.arange(-window, window + 1)[None, :] - u_m
         upper, lower = (a + 0.5) / r_m, (a - 0.5) / r_m
-        # Difference of sigmoids on the side of the median where it does not cancel.
-        return np.where(a > 0, _np_sigmoid(-lower) - _np_sigmoid(-upper), _np_sigmoid(upper) - _np_sigmoid(lower))
+        # log(sigmoid(hi) - sigmoid(lo)), taken on the side of the median where it does not cancel.
+        hi, lo = np.where(a > 0, -lower, upper), np.where(a > 0, -upper, lower)
+        log_hi, log_lo = -np.logaddexp(0.0, -hi), -np.logaddexp(0.0, -lo)
+        return log_hi + np.log1p(-np.exp(log_lo - log_hi))
 
-    return rows
-
-
-def _np_sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+    return log_rows
 
 
-def _ideal_bits(offsets: np.ndarray, rows: entropy.ProbabilityRows) -> float:
+def _ideal_bits(offsets: np.ndarray, log_rows: entropy.ProbabilityRows) -> float:
+    """-log2 P of the coded symbols under the exact model: the negative-ELBO terms."""
     if offsets.size == 0:
         return 0.0
     window = int(np.abs(offsets).max())
-    probs = rows(window)
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    return float(-np.log2(probs[np.arange(offsets.size), offsets + window]).sum())
+    return float(-log_rows(window)[np.arange(offsets.size), offsets + window].sum() / math.log(2.0))
+
+
+def _exp(log_rows: entropy.ProbabilityRows) -> entropy.ProbabilityRows:
+    return lambda window: np.exp(log_rows(window))
 
 
 def _to_unit(x_raw: torch.Tensor) -> torch.Tensor:
@@ -261,17 +262,17 @@ def _groups(n_tiles: int, tile_batch: int):
         yield first, min(first + tile_batch, n_tiles)
 
 
-def _encode_segment(offsets: np.ndarray, rows: entropy.ProbabilityRows, checked: np.ndarray) -> bytes:
+def _encode_segment(offsets: np.ndarray, log_rows: entropy.ProbabilityRows, checked: np.ndarray) -> bytes:
     """A CRC of what the decoder must reproduce, then the entropy-coded offsets."""
-    return _CRC.pack(zlib.crc32(checked.astype("<i4").tobytes())) + entropy.encode_offsets(offsets, rows)
+    return _CRC.pack(zlib.crc32(checked.astype("<i4").tobytes())) + entropy.encode_offsets(offsets, _exp(log_rows))
 
 
-def _decode_segment(segment: bytes, rows: entropy.ProbabilityRows, m: torch.Tensor, chunk: int,
+def _decode_segment(segment: bytes, log_rows: entropy.ProbabilityRows, m: torch.Tensor, chunk: int,
                     finish) -> np.ndarray:
     """Decode one segment, turn offsets into the checked values with `finish`, verify the CRC."""
     if len(segment) < _CRC.size:
         raise BitstreamError("UQDM segment too short")
-    values = finish(entropy.decode_offsets(segment[_CRC.size:], int(m.sum()), rows))
+    values = finish(entropy.decode_offsets(segment[_CRC.size:], int(m.sum()), _exp(log_rows)))
     if zlib.crc32(values.astype("<i4").tobytes()) != _CRC.unpack_from(segment)[0]:
         raise BitstreamError(
             f"chunk {chunk} decoded to other values than were encoded: the stream is corrupt, or this "
