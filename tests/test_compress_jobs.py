@@ -1,0 +1,123 @@
+"""The compress_bucket command itself: under `ray job submit`, stopped halfway and rerun, and
+with no arguments at all (the embedded default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipeline.manifest import SUCCESS_FILE, read_errors, read_manifests
+from pipeline.storage import open_location
+
+from .pipeline_fixtures import (S3_ENV, build_dataset, free_port, pids_mentioning, private_temp_dir,
+                                stop_pids)
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).with_name("ray")
+HEAD_PORTS = ("--port", "--dashboard-port", "--node-manager-port", "--object-manager-port",
+              "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+              "--runtime-env-agent-port", "--metrics-export-port")
+
+
+def job_env(weights_dir: Path, temp_root: str) -> dict[str, str]:
+    """Environment of a command that must start (or reach) only our own Ray."""
+    env = {**os.environ, **S3_ENV, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": temp_root,
+           "DIFFPRESS_WEIGHTS": str(weights_dir)}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture
+def private_ray_root():
+    """A temp root for Ray; afterwards every process still mentioning it is stopped by PID."""
+    root = private_temp_dir()
+    yield root
+    stop_pids(pids_mentioning(root))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head(weights_dir, private_ray_root):
+    """`ray start --head` on free private ports, token auth off; yields (dashboard URL, env)."""
+    env = job_env(weights_dir, private_ray_root)
+    ports = {flag: free_port() for flag in HEAD_PORTS}
+    command = [str(RAY), "start", "--head", "--num-cpus", "2", "--temp-dir", private_ray_root,
+               "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",
+               "--min-worker-port", "0", "--max-worker-port", "0"]
+    command += [str(part) for flag, port in ports.items() for part in (flag, port)]
+    subprocess.run(command, env=env, check=True, timeout=180, capture_output=True)
+    yield f"http://127.0.0.1:{ports['--dashboard-port']}", env
+
+
+def keys_in(output: Path) -> Counter:
+    return Counter(read_manifests(open_location(str(output)))["key"].to_pylist())
+
+
+def test_ray_job_submit_end_to_end(ray_head, weights_dir, tmp_path):
+    address, env = ray_head
+    data = build_dataset(tmp_path / "in", n_good=4, faults=False)
+    output = tmp_path / "out"
+    runtime_env = {"env_vars": {"DIFFPRESS_WEIGHTS": str(weights_dir), **S3_ENV}}
+    result = subprocess.run(
+        [str(RAY), "job", "submit", "--address", address, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         sys.executable, "-m", "jobs.compress_bucket", "--input", str(data.folder), "--output", str(output),
+         "--codec", "uqdm-tiny", "--actors", "1", "--batch-size", "3"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "images             4" in result.stdout
+    assert keys_in(output) == Counter(list(data.good))
+    config = json.loads((output / "_job.json").read_text())["config"]
+    assert (config["actors"], config["batch_size"]) == (1, 3)
+
+
+def test_stopped_halfway_then_rerun_gives_one_row_per_image(weights_dir, private_ray_root, tmp_path):
+    data = build_dataset(tmp_path / "in", n_good=12, faults=False)
+    _split_shards(data.folder)
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.compress_bucket", "--input", str(data.folder),
+               "--output", str(output), "--actors", "1", "--batch-size", "1"]
+    env = job_env(weights_dir, private_ray_root)
+    first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not list((output / "manifest").glob("*.parquet")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)  # Ctrl-C
+    first.wait(60)
+    committed = len(list((output / "manifest").glob("*.parquet")))
+    assert 1 <= committed < 4 and not (output / SUCCESS_FILE).exists()
+    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"({committed} already committed, skipped)" in rerun.stdout
+    assert keys_in(output) == Counter(list(data.good))
+    assert read_errors(open_location(str(output))).num_rows == 0
+
+
+def _split_shards(folder: Path) -> None:
+    """Re-pack the dataset's samples into 4 shards of 3, so a run can stop between shards."""
+    from pipeline.shards import read_shard, write_shard
+    samples = [s for tar in sorted(folder.glob("*.tar")) for s in read_shard(tar.read_bytes()).samples]
+    for tar in folder.glob("*.tar"):
+        tar.unlink()
+    for number in range(4):
+        (folder / f"part-{number}.tar").write_bytes(write_shard(samples[3 * number:3 * number + 3]))
+
+
+def test_no_arguments_compresses_the_sample_shards(weights_dir, private_ray_root, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "jobs.compress_bucket"], env=job_env(weights_dir, private_ray_root),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "images             6" in result.stdout and "errors             0" in result.stdout
+    assert len(list((tmp_path / "out" / "sample_shards").glob("*.tar"))) == 2
+    assert (tmp_path / "out" / "compress_bucket" / SUCCESS_FILE).exists()
