@@ -71,6 +71,7 @@ class RunSummary:
     run_images: int
     run_seconds: float
     megapixels_per_second: float
+    steady_megapixels_per_second: float
     encoders: dict[str, dict]
 
     def table(self) -> str:
@@ -81,7 +82,7 @@ class RunSummary:
                  f"compressed bytes   {self.compressed_bytes}",
                  f"bpp                {self.bpp:.4f}",
                  f"this run           {self.run_images} images in {self.run_seconds:.1f} s, "
-                 f"{self.megapixels_per_second:.4f} MP/s",
+                 f"{self.megapixels_per_second:.4f} MP/s ({self.steady_megapixels_per_second:.4f} after start-up)",
                  f"errors             {sum(self.errors_by_reason.values())}"]
         lines += [f"  {reason:<28} {count}" for reason, count in sorted(self.errors_by_reason.items())]
         return "\n".join(lines)
@@ -146,14 +147,14 @@ def run_compress(config: CompressConfig) -> RunSummary:
     pending = [s for s in shards if not output.exists(manifest_path(s.name))]
     log.info("%d shards, %d already committed", len(shards), len(shards) - len(pending))
     encoders, use_gpus = _start_encoders(config)
+    scheduler = _Scheduler(config, encoders, use_gpus)
+    scheduler.prefetch(pending)  # shards decode while the encoders load their codecs
     codec = ray.get(encoders[0].describe.remote())
-    _write_job_file(output, config, codec, shards)
+    _write_job_file(output, config, codec, shards)  # before any commit: it refuses mixed archives
     if pending:
         output.remove(SUCCESS_FILE)
-    started = time.monotonic()
-    encoder_stats = _Scheduler(config, output, encoders, codec, use_gpus).run(pending)
-    seconds = time.monotonic() - started
-    summary = _summarize(output, config.output, shards, len(shards) - len(pending), encoder_stats, seconds)
+    scheduler.run(codec)
+    summary = _summarize(output, config.output, shards, len(shards) - len(pending), scheduler)
     output.write_atomic(SUCCESS_FILE, json.dumps(asdict(summary), indent=1).encode())
     for actor in encoders:
         ray.kill(actor)
@@ -182,9 +183,9 @@ def _start_encoders(config: CompressConfig) -> tuple[list, bool]:
 class _Scheduler:
     """The driver loop: keeps every encoder busy, bounded prefetch, commits finished shards."""
 
-    def __init__(self, config: CompressConfig, output: Location, encoders: list, codec: stages.CodecInfo,
-                 use_gpus: bool):
-        self.config, self.output, self.encoders, self.codec = config, output, encoders, codec
+    def __init__(self, config: CompressConfig, encoders: list, use_gpus: bool):
+        self.config, self.encoders = config, encoders
+        self.codec: stages.CodecInfo | None = None
         # Decoding is a small fraction of encoding. With GPUs it reserves a CPU of its own;
         # without, the encoders hold every CPU, so decode tasks reserve none (the driver
         # bounds how many run) and spread over the nodes.
@@ -199,16 +200,34 @@ class _Scheduler:
         self.encoding: dict = {}          # stats ref -> (progress, batch number, actor number)
         self.committing: dict = {}        # commit ref -> _ShardProgress
         self.load = [0] * len(encoders)
-        self.stats: dict[str, dict] = {}
+        self.stats: dict[str, dict] = {}  # per encoder actor: images, pixels, nodes, devices
+        self.started = self.finished_at = self.seconds = 0.0
+        # Steady state: from the first encoded batch on, i.e. without start-up (actors
+        # loading codecs, workers starting), which a long job pays once.
+        self.first_encoded_at: float | None = None
+        self.steady_pixels = 0
 
-    def run(self, shards: list[Shard]) -> dict[str, dict]:
+    def prefetch(self, shards: list[Shard]) -> None:
+        self.started = time.monotonic()
         self.todo.extend(shards)
-        with tqdm(total=len(shards), unit="shard", desc="compress", mininterval=1.0) as self.bar:
+        self._start_decodes()
+
+    def run(self, codec: stages.CodecInfo) -> None:
+        """Encode and commit every prefetched shard; commits record `codec`."""
+        self.codec = codec
+        with tqdm(total=len(self.todo) + len(self.decoding), unit="shard", desc="compress",
+                  mininterval=1.0) as self.bar:
             while self.todo or self.decoding or self.queue or self.encoding or self.committing:
                 self._start_decodes()
                 self._dispatch()
                 self._wait()
-        return self.stats
+        self.finished_at = time.monotonic()
+        self.seconds = self.finished_at - self.started
+
+    @property
+    def steady_megapixels_per_second(self) -> float:
+        elapsed = self.finished_at - self.first_encoded_at if self.first_encoded_at else 0.0
+        return self.steady_pixels / 1e6 / elapsed if elapsed else 0.0
 
     def _start_decodes(self) -> None:
         while self.todo and len(self.decoding) < self.max_decoding:
@@ -269,6 +288,11 @@ class _Scheduler:
             progress.encoded[number] = ray.put(stages.failed_batch(ray.get(progress.batches[number]), reason))
         else:
             entry = self.stats.setdefault(str(stats["actor"]), {"images": 0, "pixels": 0, "nodes": [], "devices": []})
+            now = time.monotonic()
+            if self.first_encoded_at is None:
+                self.first_encoded_at = now
+            else:
+                self.steady_pixels += stats["pixels"]
             entry["images"] += stats["images"]
             entry["pixels"] += stats["pixels"]
             _add_unique(entry["nodes"], stats["node"])
@@ -322,19 +346,19 @@ def _versions() -> dict[str, str]:
             "pyarrow": pyarrow.__version__, "python": platform.python_version()}
 
 
-def _summarize(output: Location, url: str, shards: list[Shard], skipped: int, encoder_stats: dict,
-               seconds: float) -> RunSummary:
+def _summarize(output: Location, url: str, shards: list[Shard], skipped: int, run: _Scheduler) -> RunSummary:
     manifests, errors = read_manifests(output), read_errors(output)
     pixels = sum(w * h for w, h in zip(manifests["width"].to_pylist(), manifests["height"].to_pylist()))
     compressed = sum(manifests["length"].to_pylist())
-    run_pixels = sum(e["pixels"] for e in encoder_stats.values())
+    run_pixels = sum(e["pixels"] for e in run.stats.values())
     return RunSummary(
         output=url, shards=len(shards), shards_skipped=skipped, images=manifests.num_rows, pixels=pixels,
         source_bytes=sum(manifests["source_bytes"].to_pylist()), compressed_bytes=compressed,
         bpp=8 * compressed / pixels if pixels else 0.0,
         errors_by_reason=dict(Counter(stages.reason_category(r) for r in errors["reason"].to_pylist())),
-        run_images=sum(e["images"] for e in encoder_stats.values()), run_seconds=seconds,
-        megapixels_per_second=run_pixels / 1e6 / seconds if seconds else 0.0, encoders=encoder_stats)
+        run_images=sum(e["images"] for e in run.stats.values()), run_seconds=run.seconds,
+        megapixels_per_second=run_pixels / 1e6 / run.seconds if run.seconds else 0.0,
+        steady_megapixels_per_second=run.steady_megapixels_per_second, encoders=run.stats)
 
 
 def connect_ray(env: Mapping[str, str] = os.environ) -> None:
