@@ -12,6 +12,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from .shards import MemberError, read_shard
 from .storage import Location, Shard
 
 log = logging.getLogger(__name__)
+ImageT = TypeVar("ImageT")
 
 
 @dataclass(frozen=True)
@@ -43,39 +45,42 @@ class ShardInfo:
     errors: list[MemberError]
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where an image came from; travels with it from decoding to its manifest row."""
+
+    key: str
+    index: int         # position of the sample in the shard: the order of the shard's records
+    member: str        # the image member's name, e.g. "jpg"
+    mode: str          # the conversion decode_image applied to reach RGB
+    size: int          # bytes of the original image member
+
+
 @dataclass
 class DecodedImage:
-    key: str
-    index: int  # position of the sample in the shard: the order of the shard's records
+    source: Source
     pixels: np.ndarray
-    member: str
-    mode: str
-    source_bytes: int
-
-
-@dataclass
-class DecodedBatch:
-    images: list[DecodedImage] = field(default_factory=list)
-    errors: list[MemberError] = field(default_factory=list)
 
 
 @dataclass
 class EncodedImage:
-    key: str
-    index: int
+    source: Source
     width: int
     height: int
     data: bytes
     chunk_lengths: tuple[int, ...]
-    member: str
-    mode: str
-    source_bytes: int
 
 
 @dataclass
-class EncodedBatch:
-    images: list[EncodedImage] = field(default_factory=list)
+class Batch(Generic[ImageT]):
+    """Images on their way through a stage, with the errors met on the way."""
+
+    images: list[ImageT] = field(default_factory=list)
     errors: list[MemberError] = field(default_factory=list)
+
+
+DecodedBatch = Batch[DecodedImage]
+EncodedBatch = Batch[EncodedImage]
 
 
 @dataclass
@@ -113,7 +118,7 @@ def decode_shard_batches(shard: Shard, data: bytes, batch_size: int) -> Iterator
         except ImageDecodeError as exc:
             batch.errors.append(MemberError(sample.key, member, str(exc)))
             continue
-        batch.images.append(DecodedImage(sample.key, index, pixels, member, mode, len(source)))
+        batch.images.append(DecodedImage(Source(sample.key, index, member, mode, len(source)), pixels))
         if len(batch.images) == batch_size:
             yield batch
             batch = DecodedBatch()
@@ -135,7 +140,8 @@ def encode_batch(codec: Codec, batch: DecodedBatch) -> EncodedBatch:
             data = datas[i] if datas is not None else codec.compress(image.pixels)
             result.images.append(_encoded(codec, image, data))
         except Exception as exc:  # noqa: BLE001 - recorded as this image's error row
-            result.errors.append(MemberError(image.key, image.member, f"encode failed: {type(exc).__name__}: {exc}"))
+            result.errors.append(MemberError(image.source.key, image.source.member,
+                                             f"encode failed: {type(exc).__name__}: {exc}"))
     return result
 
 
@@ -144,13 +150,13 @@ def _encoded(codec: Codec, image: DecodedImage, data: bytes) -> EncodedImage:
     if header.total_length != len(data):
         raise ValueError(f"codec returned {len(data)} bytes but its header describes {header.total_length}")
     height, width = image.pixels.shape[:2]
-    return EncodedImage(image.key, image.index, width, height, data, tuple(header.chunk_lengths),
-                        image.member, image.mode, image.source_bytes)
+    return EncodedImage(image.source, width, height, data, tuple(header.chunk_lengths))
 
 
 def failed_batch(batch: DecodedBatch, reason: str) -> EncodedBatch:
     """The result of a batch whose encoder died on every retry: each image gets the reason."""
-    return EncodedBatch(errors=list(batch.errors) + [MemberError(i.key, i.member, reason) for i in batch.images])
+    return EncodedBatch(errors=list(batch.errors) + [MemberError(i.source.key, i.source.member, reason)
+                                                     for i in batch.images])
 
 
 def commit_shard(output: Location, info: ShardInfo, batches: Sequence[EncodedBatch],
@@ -158,7 +164,7 @@ def commit_shard(output: Location, info: ShardInfo, batches: Sequence[EncodedBat
     """Write the shard's blob, then its errors, then its manifest: the manifest is the commit,
     so whatever interrupts this leaves the shard uncommitted and a rerun redoes it."""
     shard = info.shard
-    images = sorted((image for batch in batches for image in batch.images), key=lambda image: image.index)
+    images = sorted((image for batch in batches for image in batch.images), key=lambda image: image.source.index)
     errors = list(info.errors) + [error for batch in batches for error in batch.errors]
     output.write_atomic(data_path(shard.name), b"".join(image.data for image in images))
     write_table(output, errors_path(shard.name), to_table(
@@ -167,7 +173,7 @@ def commit_shard(output: Location, info: ShardInfo, batches: Sequence[EncodedBat
     write_table(output, manifest_path(shard.name), to_table(
         _manifest_rows(images, info, codec, output.url(data_path(shard.name))), MANIFEST_SCHEMA))
     return ShardTotals(images=len(images), pixels=sum(i.width * i.height for i in images),
-                       source_bytes=sum(i.source_bytes for i in images),
+                       source_bytes=sum(i.source.size for i in images),
                        compressed_bytes=sum(len(i.data) for i in images),
                        errors=Counter(reason_category(e.reason) for e in errors))
 
@@ -175,10 +181,11 @@ def commit_shard(output: Location, info: ShardInfo, batches: Sequence[EncodedBat
 def _manifest_rows(images: list[EncodedImage], info: ShardInfo, codec: CodecInfo, data_url: str) -> Iterator[dict]:
     offset = 0
     for image in images:
-        yield {"key": image.key, "source_url": info.shard.url, "width": image.width, "height": image.height,
+        source = image.source
+        yield {"key": source.key, "source_url": info.shard.url, "width": image.width, "height": image.height,
                "codec": codec.name, "weights_digest": codec.weights_digest, "data_url": data_url,
                "offset": offset, "length": len(image.data), "chunk_lengths": list(image.chunk_lengths),
                "crc32": zlib.crc32(image.data), "bpp": 8 * len(image.data) / (image.width * image.height),
-               "extras": list(info.extras.get(image.key, {}).items()), "source_member": image.member,
-               "source_mode": image.mode, "source_bytes": image.source_bytes}
+               "extras": list(info.extras.get(source.key, {}).items()), "source_member": source.member,
+               "source_mode": source.mode, "source_bytes": source.size}
         offset += len(image.data)

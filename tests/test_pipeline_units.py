@@ -88,7 +88,7 @@ def test_decode_stage_reports_each_fault_with_its_reason():
     info, batches = items[0], items[1:]
     errors = info.errors + [e for b in batches for e in b.errors]
     assert {e.key: stages.reason_category(e.reason) for e in errors} == {k: r for k, (_, r) in FAULTS.items()}
-    assert [i.key for b in batches for i in b.images] == ["ok"]
+    assert [i.source.key for b in batches for i in b.images] == ["ok"]
     assert set(info.extras["ok"]) == {"cls", "json"}
 
 
@@ -118,8 +118,8 @@ def test_commit_writes_blob_errors_then_a_manifest_any_reader_reads(tmp_path, uq
 
 def test_encode_failure_isolated_to_its_image(uqdm):
     batch = stages.DecodedBatch([
-        stages.DecodedImage("good", 0, np.full((8, 8, 3), 100, np.uint8), "png", "RGB", 10),
-        stages.DecodedImage("bad", 1, np.zeros((8, 8), np.float32), "png", "RGB", 10)])
+        stages.DecodedImage(stages.Source("good", 0, "png", "RGB", 10), np.full((8, 8, 3), 100, np.uint8)),
+        stages.DecodedImage(stages.Source("bad", 1, "png", "RGB", 10), np.zeros((8, 8), np.float32))])
     result = stages.encode_batch(uqdm, batch)
-    assert [i.key for i in result.images] == ["good"]
+    assert [i.source.key for i in result.images] == ["good"]
     assert result.errors[0].key == "bad" and result.errors[0].reason.startswith("encode failed")
