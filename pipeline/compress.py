@@ -202,9 +202,10 @@ class _Scheduler:
         self.load = [0] * len(encoders)
         self.stats: dict[str, dict] = {}  # per encoder actor: images, pixels, nodes, devices
         self.started = self.finished_at = self.seconds = 0.0
-        # Steady state: from the first encoded batch on, i.e. without start-up (actors
-        # loading codecs, workers starting), which a long job pays once.
-        self.first_encoded_at: float | None = None
+        # Steady state: from when every encoder has returned a batch, i.e. without start-up
+        # (actors loading codecs, workers starting), which a long job pays once.
+        self.warm_actors: set[int] = set()
+        self.steady_since: float | None = None
         self.steady_pixels = 0
 
     def prefetch(self, shards: list[Shard]) -> None:
@@ -226,7 +227,7 @@ class _Scheduler:
 
     @property
     def steady_megapixels_per_second(self) -> float:
-        elapsed = self.finished_at - self.first_encoded_at if self.first_encoded_at else 0.0
+        elapsed = self.finished_at - self.steady_since if self.steady_since else 0.0
         return self.steady_pixels / 1e6 / elapsed if elapsed else 0.0
 
     def _start_decodes(self) -> None:
@@ -288,11 +289,11 @@ class _Scheduler:
             progress.encoded[number] = ray.put(stages.failed_batch(ray.get(progress.batches[number]), reason))
         else:
             entry = self.stats.setdefault(str(stats["actor"]), {"images": 0, "pixels": 0, "nodes": [], "devices": []})
-            now = time.monotonic()
-            if self.first_encoded_at is None:
-                self.first_encoded_at = now
-            else:
+            if self.steady_since is not None:
                 self.steady_pixels += stats["pixels"]
+            self.warm_actors.add(actor)
+            if self.steady_since is None and len(self.warm_actors) == len(self.encoders):
+                self.steady_since = time.monotonic()
             entry["images"] += stats["images"]
             entry["pixels"] += stats["pixels"]
             _add_unique(entry["nodes"], stats["node"])
