@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import tempfile
 import time
@@ -79,7 +80,9 @@ def pipeline(codec_name: str, shards: Path, actors: int, batch_size: int, images
         summary = run_compress(CompressConfig(str(shards), output, codec_name, actors=actors, batch_size=batch_size))
         end_to_end = time.perf_counter() - started
     assert summary.images == len(images), summary
+    busy = sum(encoder["busy_seconds"] for encoder in summary.encoders.values())
     return {"actors": actors, "run_seconds": summary.run_seconds, "end_to_end_seconds": end_to_end,
+            "encoder_busy_fraction": busy / (actors * summary.run_seconds),
             "steady_mp_per_s": summary.steady_megapixels_per_second,
             "run_mp_per_s": summary.megapixels_per_second,
             "end_to_end_mp_per_s": _megapixels(images) / end_to_end, "bpp": summary.bpp}
@@ -95,6 +98,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--side", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each setup; the best is kept")
     args = parser.parse_args()
     images = crops(args.images, args.side)
     with tempfile.TemporaryDirectory(prefix="bench-in") as shards, \
@@ -102,19 +106,24 @@ def main() -> None:
         write_shards(images, Path(shards))
         ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=ray_dir, log_to_driver=False)
         try:
-            # Interleaved, bare codec measured before and after: the machine is shared.
+            # The machine is shared: measurements interleaved, repeated, best of each kept.
             in_worker = ray.remote(num_cpus=1)(bare_codec)
             bare = [ray.get(in_worker.remote(args.codec, images, args.batch_size))]
-            runs = [pipeline(args.codec, Path(shards), actors, args.batch_size, images) for actors in (1, 2)]
-            bare.append(ray.get(in_worker.remote(args.codec, images, args.batch_size)))
+            attempts = {1: [], 2: []}
+            for _ in range(args.repeats):
+                for actors, results in attempts.items():
+                    results.append(pipeline(args.codec, Path(shards), actors, args.batch_size, images))
+                bare.append(ray.get(in_worker.remote(args.codec, images, args.batch_size)))
             bare_in_driver = bare_codec(args.codec, images, args.batch_size)
         finally:
             ray.shutdown()
-    bare_mp = float(np.mean([b["mp_per_s"] for b in bare]))
+    bare_mp = max(b["mp_per_s"] for b in bare)
+    runs = [max(results, key=lambda run: run["steady_mp_per_s"]) for results in attempts.values()]
     result = {"codec": args.codec, "images": args.images, "side": args.side, "batch_size": args.batch_size,
               "cpu_cores": 2, "machine": platform.processor() or platform.machine(),
               "bare_codec": {"runs_in_ray_worker": bare, "mp_per_s": bare_mp, "in_driver": bare_in_driver},
-              "pipeline": runs,
+              "repeats": args.repeats, "load_average_after": os.getloadavg(),
+              "pipeline": runs, "pipeline_attempts": attempts,
               "ratio_1_actor_vs_bare_steady": runs[0]["steady_mp_per_s"] / bare_mp,
               "ratio_1_actor_vs_bare_run": runs[0]["run_mp_per_s"] / bare_mp,
               "ratio_1_actor_vs_bare_end_to_end": runs[0]["end_to_end_mp_per_s"] / bare_mp,
@@ -128,7 +137,7 @@ def main() -> None:
     for run in runs:
         cells = "".join(f"{run[k]:>9.4f} ({run[k] / bare_mp:.2f})" for k in
                         ("steady_mp_per_s", "run_mp_per_s", "end_to_end_mp_per_s"))
-        print(f"{'pipeline, %d actor(s)' % run['actors']:<26}{cells}")
+        print(f"{'pipeline, %d actor(s)' % run['actors']:<26}{cells}   encoders busy {run['encoder_busy_fraction']:.0%}")
     print(f"2 vs 1 actors: x{result['speedup_2_vs_1_actors_steady']:.2f} steady, "
           f"x{result['speedup_2_vs_1_actors_run']:.2f} run.  JSON: {RESULTS}")
 

@@ -103,9 +103,10 @@ class Encoder:
 
     @ray.method(num_returns=2)
     def encode(self, batch: stages.DecodedBatch) -> tuple[stages.EncodedBatch, dict]:
+        started = time.perf_counter()
         encoded = stages.encode_batch(self.codec, batch)
         stats = {"images": len(encoded.images), "pixels": sum(i.width * i.height for i in encoded.images),
-                 **self.identity}
+                 "busy_seconds": time.perf_counter() - started, **self.identity}
         return encoded, stats
 
 
@@ -125,15 +126,17 @@ def commit(output: str, storage_options: dict, info: stages.ShardInfo, codec: st
 class _ShardProgress:
     shard: Shard
     info: ray.ObjectRef | None = None
-    batches: dict[int, ray.ObjectRef] = field(default_factory=dict)  # decoded, by batch number
+    n_batches: int = 0
+    # Decoded batches not yet encoded, by batch number; dropped once encoded, so a shard's
+    # pixels do not stay in the object store until the whole shard is done.
+    decoded: dict[int, ray.ObjectRef] = field(default_factory=dict)
     encoded: dict[int, ray.ObjectRef] = field(default_factory=dict)
-    finished: set[int] = field(default_factory=set)  # batches whose encode came back
     decoded_all: bool = False
     committing: bool = False
 
     @property
     def ready_to_commit(self) -> bool:
-        return self.decoded_all and len(self.finished) == len(self.batches) and not self.committing
+        return self.decoded_all and not self.decoded and not self.committing
 
 
 def run_compress(config: CompressConfig) -> RunSummary:
@@ -147,17 +150,19 @@ def run_compress(config: CompressConfig) -> RunSummary:
     pending = [s for s in shards if not output.exists(manifest_path(s.name))]
     log.info("%d shards, %d already committed", len(shards), len(shards) - len(pending))
     encoders, use_gpus = _start_encoders(config)
-    scheduler = _Scheduler(config, encoders, use_gpus)
-    scheduler.prefetch(pending)  # shards decode while the encoders load their codecs
-    codec = ray.get(encoders[0].describe.remote())
-    _write_job_file(output, config, codec, shards)  # before any commit: it refuses mixed archives
-    if pending:
-        output.remove(SUCCESS_FILE)
-    scheduler.run(codec)
+    try:
+        scheduler = _Scheduler(config, encoders, use_gpus)
+        scheduler.prefetch(pending)  # shards decode while the encoders load their codecs
+        codec = ray.get(encoders[0].describe.remote())
+        _write_job_file(output, config, codec, shards)  # before any commit: it refuses mixed archives
+        if pending:
+            output.remove(SUCCESS_FILE)
+        scheduler.run(codec)
+    finally:  # free the CPUs/GPUs now, even when the run fails, not when handles are collected
+        for actor in encoders:
+            ray.kill(actor)
     summary = _summarize(output, config.output, shards, len(shards) - len(pending), scheduler)
     output.write_atomic(SUCCESS_FILE, json.dumps(asdict(summary), indent=1).encode())
-    for actor in encoders:
-        ray.kill(actor)
     return summary
 
 
@@ -240,7 +245,7 @@ class _Scheduler:
         while self.queue and min(self.load) < ENCODES_PER_ACTOR:
             progress, number = self.queue.popleft()
             actor = self.load.index(min(self.load))
-            encoded, stats = self.encoders[actor].encode.remote(progress.batches[number])
+            encoded, stats = self.encoders[actor].encode.remote(progress.decoded[number])
             progress.encoded[number] = encoded
             self.encoding[stats] = (progress, number, actor)
             self.load[actor] += 1
@@ -272,23 +277,25 @@ class _Scheduler:
         if progress.info is None:
             progress.info = ref
         else:
-            number = len(progress.batches)
-            progress.batches[number] = ref
+            number = progress.n_batches
+            progress.n_batches += 1
+            progress.decoded[number] = ref
             self.queue.append((progress, number))
 
     def _on_encoded(self, stats_ref) -> None:
         progress, number, actor = self.encoding.pop(stats_ref)
         self.load[actor] -= 1
-        progress.finished.add(number)
+        decoded = progress.decoded.pop(number)
         try:
             stats = ray.get(stats_ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             # The encoder died on this batch on every retry: record it, keep going.
             reason = f"encoder crashed: {type(exc).__name__} after retries"
             log.error("batch %d of shard %s failed: %s", number, progress.shard.name, exc)
-            progress.encoded[number] = ray.put(stages.failed_batch(ray.get(progress.batches[number]), reason))
+            progress.encoded[number] = ray.put(stages.failed_batch(ray.get(decoded), reason))
         else:
-            entry = self.stats.setdefault(str(stats["actor"]), {"images": 0, "pixels": 0, "nodes": [], "devices": []})
+            entry = self.stats.setdefault(str(stats["actor"]), {"images": 0, "pixels": 0, "busy_seconds": 0.0,
+                                                                "nodes": [], "devices": []})
             if self.steady_since is not None:
                 self.steady_pixels += stats["pixels"]
             self.warm_actors.add(actor)
@@ -296,6 +303,7 @@ class _Scheduler:
                 self.steady_since = time.monotonic()
             entry["images"] += stats["images"]
             entry["pixels"] += stats["pixels"]
+            entry["busy_seconds"] += stats["busy_seconds"]
             _add_unique(entry["nodes"], stats["node"])
             _add_unique(entry["devices"], stats["device"])
             self.bar.set_postfix(images=sum(e["images"] for e in self.stats.values()), refresh=False)
