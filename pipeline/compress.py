@@ -103,10 +103,11 @@ class Encoder:
 
     @ray.method(num_returns=2)
     def encode(self, batch: stages.DecodedBatch) -> tuple[stages.EncodedBatch, dict]:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         encoded = stages.encode_batch(self.codec, batch)
         stats = {"images": len(encoded.images), "pixels": sum(i.width * i.height for i in encoded.images),
-                 "busy_seconds": time.perf_counter() - started, **self.identity}
+                 "busy_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
+                 **self.identity}
         return encoded, stats
 
 
@@ -295,7 +296,7 @@ class _Scheduler:
             progress.encoded[number] = ray.put(stages.failed_batch(ray.get(decoded), reason))
         else:
             entry = self.stats.setdefault(str(stats["actor"]), {"images": 0, "pixels": 0, "busy_seconds": 0.0,
-                                                                "nodes": [], "devices": []})
+                                                                "cpu_seconds": 0.0, "nodes": [], "devices": []})
             if self.steady_since is not None:
                 self.steady_pixels += stats["pixels"]
             self.warm_actors.add(actor)
@@ -304,6 +305,7 @@ class _Scheduler:
             entry["images"] += stats["images"]
             entry["pixels"] += stats["pixels"]
             entry["busy_seconds"] += stats["busy_seconds"]
+            entry["cpu_seconds"] += stats["cpu_seconds"]
             _add_unique(entry["nodes"], stats["node"])
             _add_unique(entry["devices"], stats["device"])
             self.bar.set_postfix(images=sum(e["images"] for e in self.stats.values()), refresh=False)
