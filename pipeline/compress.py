@@ -75,6 +75,9 @@ class RunSummary:
     encoders: dict[str, dict]
 
     def table(self) -> str:
+        # No steady rate when there were too few batches for every encoder to be warm.
+        steady = (f" ({self.steady_megapixels_per_second:.4f} after start-up)"
+                  if self.steady_megapixels_per_second else "")
         lines = [f"archive            {self.output}",
                  f"shards             {self.shards} ({self.shards_skipped} already committed, skipped)",
                  f"images             {self.images}",
@@ -82,7 +85,7 @@ class RunSummary:
                  f"compressed bytes   {self.compressed_bytes}",
                  f"bpp                {self.bpp:.4f}",
                  f"this run           {self.run_images} images in {self.run_seconds:.1f} s, "
-                 f"{self.megapixels_per_second:.4f} MP/s ({self.steady_megapixels_per_second:.4f} after start-up)",
+                 f"{self.megapixels_per_second:.4f} MP/s{steady}",
                  f"errors             {sum(self.errors_by_reason.values())}"]
         lines += [f"  {reason:<28} {count}" for reason, count in sorted(self.errors_by_reason.items())]
         return "\n".join(lines)
