@@ -109,6 +109,7 @@ def train(config: dict, report=None) -> tuple[CDCModel, list[dict]]:
     torch.set_num_threads(config.get("threads", 1))
     rank, world = config.get("rank", 0), config.get("world_size", 1)
     device = torch.device(config.get("device", "cpu"))
+    torch.manual_seed(config["seed"])  # the same initial weights on every worker and rerun
     model = CDCModel(config["model"])
     if config.get("init_from"):
         model.load_weight_tensors({k: v.float() for k, v in read_weights(config["init_from"]).tensors.items()})

@@ -159,23 +159,35 @@ TINY = {"encoder_widths": [8, 8, 8, 8], "latent_channels": 8, "hyper_channels": 
 def tiny_config(tmp_path, steps: int) -> dict:
     return {"model": {"preset": "small", **TINY}, "beta": 0.01, "rho": 0.1, "steps": steps,
             "batch_size": 2, "crop": 128, "lr": 3e-3, "aux_lr": 1e-2, "seed": 0,
-            "data": str(PHOTOS / "train"), "run_dir": str(tmp_path / "run"), "log_every": 5,
-            "checkpoint_every": 10, "name": "cdc-tiny", "export": str(tmp_path / "cdc-tiny.safetensors"),
+            "data": str(PHOTOS / "train"), "run_dir": str(tmp_path / "run"), "log_every": 10,
+            "checkpoint_every": 30, "name": "cdc-tiny", "export": str(tmp_path / "cdc-tiny.safetensors"),
             "provenance": "tests/test_cdc.py"}
 
 
 def test_training_smoke_loss_falls_and_resume_continues(tmp_path):
-    from jobs.train import export, train
+    import torch
 
-    model, curve = train(tiny_config(tmp_path, steps=20))
-    assert [row["step"] for row in curve] == [5, 10, 15, 20]
+    from jobs.train import CropSampler, export, train
+    from model.cdc_model import CDCModel
+
+    config = tiny_config(tmp_path, steps=30)
+    held_out = CropSampler(config["data"], config["crop"], seed=99).batch(8)
+
+    def held_out_loss(net) -> float:  # same crops, diffusion times and noise every call
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return float(net(held_out, config["beta"], config["rho"])["loss"])
+
+    torch.manual_seed(config["seed"])
+    initial_loss = held_out_loss(CDCModel(config["model"]))  # train() starts from these weights
+    model, curve = train(config)
+    assert [row["step"] for row in curve] == [10, 20, 30]
+    # Resuming continues at step 30 from the checkpoint (not from scratch) to step 60.
+    model, curve = train(tiny_config(tmp_path, steps=60))
+    assert [row["step"] for row in curve] == [10, 20, 30, 40, 50, 60]
     assert all(np.isfinite(row["loss"]) for row in curve)
-    # Resuming continues at step 20 from the checkpoint (not from scratch) to step 40.
-    model, curve = train(tiny_config(tmp_path, steps=40))
-    assert [row["step"] for row in curve] == [5, 10, 15, 20, 25, 30, 35, 40]
-    losses = [row["loss"] for row in curve]
-    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
-    path = export(model, curve, tiny_config(tmp_path, steps=40))
+    assert held_out_loss(model) < 0.8 * initial_loss, (held_out_loss(model), initial_loss)
+    path = export(model, curve, tiny_config(tmp_path, steps=60))
     codec = load_codec(path, device="cpu")
     img = np.asarray(Image.open(dev_photos()[1]).convert("RGB"))[:40, :50]
     assert codec.decompress(codec.compress(img), steps=1).shape == (40, 50, 3)
