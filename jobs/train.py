@@ -132,9 +132,13 @@ def train(config: dict, report=None) -> tuple[CDCModel, list[dict]]:
         optimizer.zero_grad(set_to_none=True)
         (out["loss"] + out["aux"]).backward()
         # Clip the networks only: the quantiles' aux gradient is large and would shrink the rest.
-        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
-        optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
         step += 1
+        if not (torch.isfinite(norm) and torch.isfinite(out["loss"])):
+            # One bad batch must not turn every weight into NaN (seen once at lr 4e-4).
+            log.warning("step %d: non-finite loss or gradient, update skipped", step)
+            continue
+        optimizer.step()
         window.append({k: float(v.detach()) for k, v in out.items()})
         if step % config["log_every"] == 0 or step == config["steps"]:
             row = {"step": step, "elapsed_s": round(elapsed_before + time.time() - started, 1)}
@@ -157,6 +161,9 @@ def export(model: CDCModel, curve: list[dict], config: dict) -> Path:
     """Write the registry weights file (float16 tensors: half the size) and its curve."""
     tensors = {k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
                for k, v in model.weight_tensors().items()}
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"refusing to export non-finite weights ({broken[:3]}...); resume from an earlier run")
     path = save_weights(Weights("cdc", config["name"], model.config, tensors, config["provenance"]),
                         config["export"])
     with open(path.with_suffix(".curve.csv"), "w", newline="") as f:
