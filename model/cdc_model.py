@@ -30,8 +30,6 @@ PRESETS: dict[str, dict] = {
 }
 #: The image side must be a multiple of this: y is at 1/16, z at 1/64.
 STRIDE = 64
-# Derived entropy-coding tables: rebuilt from the weights on load, never stored.
-TABLE_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 # Scales of the Gaussian rANS tables; a scale is rounded up to the next entry. compressai's
 # usual 64 entries (13% apart) cost ~3% over the likelihood-based rate; 256 cost ~0.5%.
 SCALES = torch.exp(torch.linspace(math.log(0.11), math.log(256.0), 256))
@@ -72,14 +70,19 @@ class CDCModel(nn.Module):
 
     # ----- weights -------------------------------------------------------------------------
     def weight_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.endswith(TABLE_BUFFERS)}
+        """The learned parameters. Buffers are left out: compressai's are either constants of
+        the code (likelihood bounds, aux targets) or tables derived from the parameters."""
+        return {name: p.detach() for name, p in self.named_parameters()}
 
     def load_weight_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(tensors, strict=False)
-        missing = [k for k in missing if not k.endswith(TABLE_BUFFERS)]
+        params = dict(self.named_parameters())
+        missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
         if missing or unexpected:
             raise ValueError(f"weights do not fit the CDC config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)
 
     def build_entropy_tables(self) -> None:
         """Quantized CDFs for rANS; must run after the weights are final.
