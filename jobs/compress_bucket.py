@@ -18,7 +18,7 @@ import sys
 from pipeline.compress import CompressConfig, connect_ray, run_compress
 from pipeline.samples import build_sample_shards
 
-DEFAULT_CODEC = "uqdm-tiny"
+DEFAULT_CODEC = "cdc-small-b0010"  # shipped in model/weights/; uqdm-tiny needs jobs.import_uqdm first
 DEFAULT_OUTPUT = "out/compress_bucket"
 SAMPLE_SHARDS = "out/sample_shards"
 
