@@ -156,7 +156,8 @@ def live_encoders() -> dict[str, int]:
 
 @pytest.mark.slow
 def test_killed_encoder_is_replaced_and_every_image_lands_once(tmp_path, local_ray):  # noqa: F811
-    data = build_dataset(tmp_path / "in", n_good=12, faults=False)
+    # Enough images that the job is still encoding when an encoder dies, even on an idle machine.
+    data = build_dataset(tmp_path / "in", n_good=48, faults=False)
     out = tmp_path / "out"
     result = {}
     worker = threading.Thread(target=lambda: result.update(summary=run_compress(
@@ -165,9 +166,10 @@ def test_killed_encoder_is_replaced_and_every_image_lands_once(tmp_path, local_r
     deadline = time.monotonic() + 60
     while len(live_encoders()) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(2.0)  # let encodes get under way
-    victim, pid = next(iter(live_encoders().items()))
-    assert worker.is_alive(), "the job finished before an encoder could be killed: give it more images"
+    time.sleep(0.5)  # let encodes get under way
+    encoders = live_encoders()
+    assert encoders and worker.is_alive(), "the job finished before an encoder could be killed: give it more images"
+    victim, pid = next(iter(encoders.items()))
     os.kill(pid, signal.SIGKILL)
     worker.join(300)
     assert not worker.is_alive() and "summary" in result

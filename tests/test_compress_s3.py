@@ -35,7 +35,7 @@ def runs(tmp_path_factory, s3_server, local_ray, caplog_module):  # noqa: F811
         bucket.write_atomic(f"in/{tar.name}", tar.read_bytes())
     local_out = tmp_path_factory.mktemp("local")
     run_compress(CompressConfig(str(dataset.folder), str(local_out), "uqdm-tiny", actors=2, batch_size=2))
-    compress_bucket.main(["--input", "s3://bucket/in/", "--output", "s3://bucket/out", "--actors", "2",
+    compress_bucket.main(["--input", "s3://bucket/in/", "--output", "s3://bucket/out", "--codec", "uqdm-tiny", "--actors", "2",
                           "--batch-size", "2", "--storage-options", json.dumps(s3_server.storage_options)])
     return dataset, local_out
 
