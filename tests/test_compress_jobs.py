@@ -86,7 +86,7 @@ def test_stopped_halfway_then_rerun_gives_one_row_per_image(weights_dir, private
     _split_shards(data.folder)
     output = tmp_path / "out"
     command = [sys.executable, "-m", "jobs.compress_bucket", "--input", str(data.folder),
-               "--output", str(output), "--actors", "1", "--batch-size", "1"]
+               "--output", str(output), "--codec", "uqdm-tiny", "--actors", "1", "--batch-size", "1"]
     env = job_env(weights_dir, private_ray_root)
     first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
