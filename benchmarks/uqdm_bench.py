@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jobs.evaluate import psnr
 from model import entropy, load_codec
 from model.uqdm import TILE
 
@@ -41,11 +42,6 @@ def dev_images(size: int | None = None) -> list[np.ndarray]:
             image = image.resize((size, size), Image.LANCZOS)
         images.append(np.asarray(image))
     return images
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def progressive(codec, images) -> dict:

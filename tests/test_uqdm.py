@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jobs.evaluate import psnr
 from model import BitstreamError, bitstream, decode_image
 from model.uqdm import TILE
 
@@ -22,11 +23,6 @@ def dev_crop(path, height=100, width=150) -> np.ndarray:
     img = np.asarray(Image.open(path).convert("RGB"))
     top, left = (img.shape[0] - height) // 2, (img.shape[1] - width) // 2
     return img[top:top + height, left:left + width]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 @pytest.fixture(scope="module")
