@@ -105,12 +105,14 @@ class UQDMCodec(Codec):
                     k = torch.round((q_loc - p_loc) / step.delta + u) * m
                     z = p_loc + (k - u) * step.delta
                     symbols, log_rows = k[m].long().cpu().numpy(), _uq_log_rows(u, r, m)
-                    segments[i].append(_encode_segment(symbols, log_rows, checked=symbols))
-                    ideal_bits[i] += _ideal_bits(symbols, log_rows)
+                    segment, bits = _encode_segment(symbols, log_rows, checked=symbols)
+                    segments[i].append(segment)
+                    ideal_bits[i] += bits
                 centre, log_rows = self._pixel_model(z, m)
                 pixels = x_raw[m].long().cpu().numpy()
-                segments[-1].append(_encode_segment(pixels - centre, log_rows, checked=pixels))
-                ideal_bits[-1] += _ideal_bits(pixels - centre, log_rows)
+                segment, bits = _encode_segment(pixels - centre, log_rows, checked=pixels)
+                segments[-1].append(segment)
+                ideal_bits[-1] += bits
         chunks = [entropy.join_segments(segs) for segs in segments]
         params = _PARAMS.pack(TILE, self.tile_batch, self.seed)
         return self.pack(height, width, chunks, params), ideal_bits
@@ -236,14 +238,6 @@ def _uq_log_rows(u: torch.Tensor, r: torch.Tensor, m: torch.Tensor) -> entropy.P
     return log_rows
 
 
-def _ideal_bits(offsets: np.ndarray, log_rows: entropy.ProbabilityRows) -> float:
-    """-log2 P of the coded symbols under the exact model: the negative-ELBO terms."""
-    if offsets.size == 0:
-        return 0.0
-    window = int(np.abs(offsets).max())
-    return float(-log_rows(window)[np.arange(offsets.size), offsets + window].sum() / math.log(2.0))
-
-
 def _exp(log_rows: entropy.ProbabilityRows) -> entropy.ProbabilityRows:
     return lambda window: np.exp(log_rows(window))
 
@@ -262,9 +256,24 @@ def _groups(n_tiles: int, tile_batch: int):
         yield first, min(first + tile_batch, n_tiles)
 
 
-def _encode_segment(offsets: np.ndarray, log_rows: entropy.ProbabilityRows, checked: np.ndarray) -> bytes:
-    """A CRC of what the decoder must reproduce, then the entropy-coded offsets."""
-    return _CRC.pack(zlib.crc32(checked.astype("<i4").tobytes())) + entropy.encode_offsets(offsets, _exp(log_rows))
+def _encode_segment(offsets: np.ndarray, log_rows: entropy.ProbabilityRows,
+                    checked: np.ndarray) -> tuple[bytes, float]:
+    """A CRC of what the decoder must reproduce, then the entropy-coded offsets.
+
+    Also returns -log2 P of the offsets under the exact model (the negative-ELBO terms),
+    read from the same rows the coder used, so they are computed once.
+    """
+    used = {}
+
+    def rows(window: int) -> np.ndarray:
+        used["window"], used["log"] = window, log_rows(window)
+        return np.exp(used["log"])
+
+    segment = _CRC.pack(zlib.crc32(checked.astype("<i4").tobytes())) + entropy.encode_offsets(offsets, rows)
+    if not offsets.size:
+        return segment, 0.0
+    picked = used["log"][np.arange(offsets.size), offsets + used["window"]]
+    return segment, float(-picked.sum() / math.log(2.0))
 
 
 def _decode_segment(segment: bytes, log_rows: entropy.ProbabilityRows, m: torch.Tensor, chunk: int,
