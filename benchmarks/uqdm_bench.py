@@ -27,7 +27,7 @@ from PIL import Image
 
 from jobs.evaluate import psnr
 from model import entropy, load_codec
-from model.uqdm import TILE
+from model.uqdm.codec import TILE
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"

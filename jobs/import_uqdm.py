@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from model.registry import USER_DIR, save_weights
-from model.uqdm_import import import_checkpoint
+from model.uqdm.importer import import_checkpoint
 
 log = logging.getLogger("jobs.import_uqdm")
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.cdc_model import CDCModel
+from model.cdc.model import CDCModel
 from model.images import decode_image
 from model.registry import SHIPPED_DIR, Weights, read_weights, save_weights
 

@@ -123,9 +123,9 @@ def load_codec(name_or_path: str | Path, device: str | torch.device | None = Non
 def codec_class(family: str) -> type[Codec]:
     # Imported here so that `model.registry` stays importable without the networks.
     if family == "uqdm":
-        from .uqdm import UQDMCodec
+        from .uqdm.codec import UQDMCodec
         return UQDMCodec
     if family == "cdc":
-        from .cdc import CDCCodec
+        from .cdc.codec import CDCCodec
         return CDCCodec
     raise ValueError(f"unknown codec family {family!r}")

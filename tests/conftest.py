@@ -27,7 +27,7 @@ def weights_dir(tmp_path_factory) -> Path:
     """
     if not (UQDM_TINY_SOURCE / "checkpoint.pt").is_file():
         pytest.fail(f"the authors' UQDM weights are missing at {UQDM_TINY_SOURCE} (set DIFFPRESS_SHARED)")
-    from model.uqdm_import import import_checkpoint
+    from model.uqdm.importer import import_checkpoint
     from model.registry import save_weights
 
     folder = tmp_path_factory.mktemp("weights")

@@ -173,7 +173,7 @@ def test_training_smoke_loss_falls_and_resume_continues(tmp_path):
     import torch
 
     from jobs.train import CropSampler, export, train
-    from model.cdc_model import CDCModel
+    from model.cdc.model import CDCModel
 
     config = tiny_config(tmp_path, steps=30)
     held_out = CropSampler(config["data"], config["crop"], seed=99).batch(8)
@@ -202,7 +202,7 @@ def test_training_smoke_loss_falls_and_resume_continues(tmp_path):
 def test_paper_preset_runs_the_same_code_at_the_authors_sizes():
     import torch
 
-    from model.cdc_model import CDCModel
+    from model.cdc.model import CDCModel
 
     small, paper = CDCModel({"preset": "small"}), CDCModel({"preset": "paper"})
     assert sum(p.numel() for p in paper.parameters()) > 20 * sum(p.numel() for p in small.parameters())

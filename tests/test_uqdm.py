@@ -13,7 +13,7 @@ from PIL import Image
 
 from jobs.evaluate import psnr
 from model import BitstreamError, bitstream, decode_image
-from model.uqdm import TILE
+from model.uqdm.codec import TILE
 
 from .conftest import REPO, dev_photos
 
@@ -160,7 +160,7 @@ def test_other_weights_and_other_codecs_are_refused(uqdm, weights_dir, tmp_path)
 def test_importer_refuses_pickled_code(tmp_path):
     import torch
 
-    from model.uqdm_import import import_checkpoint
+    from model.uqdm.importer import import_checkpoint
     from tests.conftest import UQDM_TINY_SOURCE
 
     marker = tmp_path / "pwned"

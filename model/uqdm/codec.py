@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import entropy
-from .bitstream import BitstreamError
-from .codec import Codec
-from .images import as_rgb8
-from .registry import Weights
-from .uqdm_net import ScoreNet
+from .. import entropy
+from ..bitstream import BitstreamError
+from ..codec import Codec
+from ..images import as_rgb8
+from ..registry import Weights
+from .net import ScoreNet
 
 TILE = 64
 _PARAMS = struct.Struct(">HHI")  # tile size, tiles per batch, dither seed

@@ -16,7 +16,7 @@ from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianC
 from pytorch_msssim import ms_ssim
 from torch import nn
 
-from .cdc_nets import (AnalysisTransform, ConditionalUNet, ConditioningDecoder, HyperAnalysis,
+from .nets import (AnalysisTransform, ConditionalUNet, ConditioningDecoder, HyperAnalysis,
                        HyperSynthesis)
 
 #: Network sizes. "small" trains on one CPU core; "paper" follows the authors' widths.

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.serialization import safe_globals
 
-from .registry import Weights
-from .uqdm_net import ScoreNet
+from ..registry import Weights
+from .net import ScoreNet
 
 _PLAIN = (int, float, bool, str, type(None), np.generic)
 

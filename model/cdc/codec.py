@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bitstream import BitstreamError
-from .cdc_model import STRIDE, CDCModel, EncodedLatents
-from .codec import Codec
-from .images import as_rgb8
-from .registry import Weights
+from ..bitstream import BitstreamError
+from .model import STRIDE, CDCModel, EncodedLatents
+from ..codec import Codec
+from ..images import as_rgb8
+from ..registry import Weights
 
 MAX_STEPS = 1000
 DEFAULT_SEED = 0
