@@ -12,6 +12,7 @@ in ~/.cache/diffpress/weights (where `jobs.import_uqdm` writes by default).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -115,17 +116,22 @@ def available() -> list[str]:
 
 
 def load_codec(name_or_path: str | Path, device: str | torch.device | None = None) -> Codec:
-    """Load a codec by registry name ("uqdm-tiny", "cdc-small-b0032", ...) or weights path."""
+    """Load a codec by registry name ("uqdm-tiny", "cdc-small-b0040", ...) or weights path."""
     weights = read_weights(resolve(name_or_path))
     return codec_class(weights.codec)(weights, device=device)
 
 
+#: Codec family (as written in weights files and streams) -> "module:class" of its Codec.
+#: Imported on first use, so this module needs none of the networks, and codec modules may
+#: import the registry without a circle.
+FAMILIES: dict[str, str] = {
+    "uqdm": "model.uqdm.codec:UQDMCodec",
+    "cdc": "model.cdc.codec:CDCCodec",
+}
+
+
 def codec_class(family: str) -> type[Codec]:
-    # Imported here so that `model.registry` stays importable without the networks.
-    if family == "uqdm":
-        from .uqdm.codec import UQDMCodec
-        return UQDMCodec
-    if family == "cdc":
-        from .cdc.codec import CDCCodec
-        return CDCCodec
-    raise ValueError(f"unknown codec family {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown codec family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+    module, _, name = FAMILIES[family].partition(":")
+    return getattr(importlib.import_module(module), name)
