@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.evaluate import (CLASSICAL, ClassicalCurves, compare_with_classical, evaluate_codec,
-                           load_images, msssim, psnr, summarize)
 from model import available, load_codec
+from model.classical import CLASSICAL, ClassicalCurves, compare_with_classical
+from model.evaluation import evaluate_codec, load_images, summarize
+from model.metrics import msssim, psnr
 
 RESULTS = Path(__file__).parent / "results"
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "dev" / "*.png"

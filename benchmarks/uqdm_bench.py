@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jobs.evaluate import psnr
 from model import entropy, load_codec
+from model.metrics import psnr
 from model.uqdm.codec import TILE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.evaluate import psnr
 from model import BitstreamError, bitstream, decode_image
+from model.metrics import psnr
 from model.uqdm.codec import TILE
 
 from .conftest import REPO, dev_photos
