@@ -24,9 +24,10 @@ from model import available, load_codec
 from model.classical import CLASSICAL, ClassicalCurves, compare_with_classical
 from model.evaluation import evaluate_codec, load_images, summarize
 from model.metrics import msssim, psnr
+from model.paths import DEV_PHOTOS
 
 RESULTS = Path(__file__).parent / "results"
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "dev" / "*.png"
+DEV = DEV_PHOTOS / "*.png"
 
 
 def rate_distortion(rates: list[str], images: dict[str, np.ndarray]) -> dict:

@@ -33,19 +33,19 @@ import ray
 from PIL import Image
 
 from model import load_codec
+from model.paths import DEV_PHOTOS, SHARED
 from pipeline.compress import CompressConfig, run_compress
 from pipeline.shards import Sample, write_shard
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "dev"
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_throughput.json"
 SHARDS = 4
 
 
 def crops(count: int, side: int) -> list[np.ndarray]:
     """`count` side x side crops, at seeded random places, from the shared dev photos."""
-    photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(PHOTOS.glob("*.png"))]
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(DEV_PHOTOS.glob("*.png"))]
     if not photos:
-        raise FileNotFoundError(f"no dev photos in {PHOTOS}: see ../shared/data/README.md")
+        raise FileNotFoundError(f"no dev photos in {DEV_PHOTOS}: see {SHARED}/data/README.md")
     rng = np.random.default_rng(0)
     out = []
     for i in range(count):

@@ -27,16 +27,16 @@ from PIL import Image
 
 from model import entropy, load_codec
 from model.metrics import psnr
+from model.paths import DEV_PHOTOS, TRAIN_PHOTOS
 from model.uqdm.codec import TILE
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def dev_images(size: int | None = None) -> list[np.ndarray]:
     images = []
-    for path in sorted((PHOTOS / "dev").glob("*.png")):
+    for path in sorted(DEV_PHOTOS.glob("*.png")):
         image = Image.open(path).convert("RGB")
         if size:
             image = image.resize((size, size), Image.LANCZOS)
@@ -135,7 +135,7 @@ print(json.dumps({"megapixels": 24.0, "peak_rss_mib": resource.getrusage(resourc
 
 
 def memory(weights: str) -> dict:
-    photo = sorted((PHOTOS / "train").glob("*.jpg"))[0]
+    photo = sorted(TRAIN_PHOTOS.glob("*.jpg"))[0]
     result = subprocess.run([sys.executable, "-c", MEMORY_CHILD, weights, str(photo)], cwd=ROOT,
                             capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])

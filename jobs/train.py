@@ -35,11 +35,12 @@ from safetensors.torch import load_file, save_file
 
 from model.cdc.model import CDCModel
 from model.images import decode_image
+from model.paths import TRAIN_PHOTOS
 from model.registry import SHIPPED_DIR, Weights, read_weights, save_weights
 
 log = logging.getLogger("jobs.train")
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "train"
+DEFAULT_DATA = TRAIN_PHOTOS
 CURVE_FIELDS = ["step", "elapsed_s", "loss", "bpp", "mse", "psnr_x0", "perceptual", "aux"]
 
 

@@ -8,14 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DIFFPRESS_SHARED", REPO.parent / "shared"))
-PHOTOS = SHARED / "data" / "photos"
-UQDM_TINY_SOURCE = SHARED / "weights" / "uqdm-tiny"
+from model.paths import DEV_PHOTOS, UQDM_TINY_SOURCE
 
 
 def dev_photos() -> list[Path]:
-    return sorted((PHOTOS / "dev").glob("*.png"))
+    return sorted(DEV_PHOTOS.glob("*.png"))
 
 
 @pytest.fixture(scope="session")

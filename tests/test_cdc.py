@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from model import BitstreamError, available, bitstream, load_codec
+from model.paths import REPO, TRAIN_PHOTOS
 
-from .conftest import REPO, PHOTOS, dev_photos
+from .conftest import dev_photos
 
 WEIGHTS = "cdc-small-b0010"  # the warm-up rate; the others share the code paths
 
@@ -164,7 +165,7 @@ TINY = {"encoder_widths": [8, 8, 8, 8], "latent_channels": 8, "hyper_channels": 
 def tiny_config(tmp_path, steps: int) -> dict:
     return {"model": {"preset": "small", **TINY}, "beta": 0.01, "rho": 0.1, "steps": steps,
             "batch_size": 2, "crop": 128, "lr": 3e-3, "aux_lr": 1e-2, "seed": 0,
-            "data": str(PHOTOS / "train"), "run_dir": str(tmp_path / "run"), "log_every": 10,
+            "data": str(TRAIN_PHOTOS), "run_dir": str(tmp_path / "run"), "log_every": 10,
             "checkpoint_every": 30, "name": "cdc-tiny", "export": str(tmp_path / "cdc-tiny.safetensors"),
             "provenance": "tests/test_cdc.py"}
 

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 
+from model.paths import REPO
 from model.registry import FAMILIES, codec_class
-
-from .conftest import REPO
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

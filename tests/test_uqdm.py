@@ -15,7 +15,9 @@ from model import BitstreamError, bitstream, decode_image
 from model.metrics import psnr
 from model.uqdm.codec import TILE
 
-from .conftest import REPO, dev_photos
+from model.paths import DEV_PHOTOS, REPO, UQDM_TINY_SOURCE
+
+from .conftest import dev_photos
 
 
 def dev_crop(path, height=100, width=150) -> np.ndarray:
@@ -28,7 +30,7 @@ def dev_crop(path, height=100, width=150) -> np.ndarray:
 @pytest.fixture(scope="module")
 def encoded_crops(uqdm):
     crops = [dev_crop(p) for p in dev_photos()]
-    assert len(crops) == 12, "expected the 12 dev photos in ../shared/data/photos/dev"
+    assert len(crops) == 12, f"expected the 12 dev photos in {DEV_PHOTOS}"
     return [(img, *uqdm.compress_with_rates(img)) for img in crops]
 
 
@@ -161,7 +163,6 @@ def test_importer_refuses_pickled_code(tmp_path):
     import torch
 
     from model.uqdm.importer import import_checkpoint
-    from tests.conftest import UQDM_TINY_SOURCE
 
     marker = tmp_path / "pwned"
 

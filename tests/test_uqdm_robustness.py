@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from model import BitstreamError, bitstream
-
-from .conftest import REPO
+from model.paths import REPO
 
 
 @pytest.fixture(scope="module")
