@@ -173,7 +173,7 @@ def tiny_config(tmp_path, steps: int) -> dict:
 def test_training_smoke_loss_falls_and_resume_continues(tmp_path):
     import torch
 
-    from jobs.train import CropSampler, export, train
+    from model.cdc.train import CropSampler, export, train
     from model.cdc.model import CDCModel
 
     config = tiny_config(tmp_path, steps=30)
