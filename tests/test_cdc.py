@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from model import BitstreamError, available, bitstream, load_codec
+from model.cdc.config import PRESETS, CDCConfig, TrainConfig
 from model.paths import REPO, TRAIN_PHOTOS
+from model.registry import read_weights, resolve
 
 from .conftest import dev_photos
 
@@ -33,8 +35,8 @@ def test_latent_symbols_roundtrip_through_real_bitstreams(cdc, photo):
     sent = cdc.encode_latents([crop])[0]
     data = cdc.compress(crop)
     z_symbols, y_symbols = cdc.decode_symbols(data)
-    assert z_symbols.shape == sent.z_symbols.shape == (1, cdc.model.config["hyper_channels"], 3, 4)
-    assert y_symbols.shape == sent.y_symbols.shape == (1, cdc.model.config["latent_channels"], 12, 16)
+    assert z_symbols.shape == sent.z_symbols.shape == (1, cdc.model.config.hyper_channels, 3, 4)
+    assert y_symbols.shape == sent.y_symbols.shape == (1, cdc.model.config.latent_channels, 12, 16)
     assert torch_equal(z_symbols, sent.z_symbols) and torch_equal(y_symbols, sent.y_symbols)
     assert (sent.y_symbols != 0).any(), "an all-zero latent would make this test vacuous"
     _, chunks = bitstream.unpack(data)
@@ -162,12 +164,13 @@ TINY = {"encoder_widths": [8, 8, 8, 8], "latent_channels": 8, "hyper_channels": 
         "context_widths": [8, 8, 8, 8], "unet_widths": [8, 8, 8, 8]}
 
 
-def tiny_config(tmp_path, steps: int) -> dict:
-    return {"model": {"preset": "small", **TINY}, "beta": 0.01, "rho": 0.1, "steps": steps,
-            "batch_size": 2, "crop": 128, "lr": 3e-3, "aux_lr": 1e-2, "seed": 0,
-            "data": str(TRAIN_PHOTOS), "run_dir": str(tmp_path / "run"), "log_every": 10,
-            "checkpoint_every": 30, "name": "cdc-tiny", "export": str(tmp_path / "cdc-tiny.safetensors"),
-            "provenance": "tests/test_cdc.py"}
+def tiny_config(tmp_path, steps: int) -> TrainConfig:
+    return TrainConfig.from_dict(
+        {"model": {"preset": "small", **TINY}, "beta": 0.01, "rho": 0.1, "steps": steps,
+         "batch_size": 2, "crop": 128, "lr": 3e-3, "aux_lr": 1e-2, "seed": 0,
+         "data": str(TRAIN_PHOTOS), "run_dir": str(tmp_path / "run"), "log_every": 10,
+         "checkpoint_every": 30, "name": "cdc-tiny", "export": str(tmp_path / "cdc-tiny.safetensors"),
+         "provenance": "tests/test_cdc.py"})
 
 
 def test_training_smoke_loss_falls_and_resume_continues(tmp_path):
@@ -177,15 +180,15 @@ def test_training_smoke_loss_falls_and_resume_continues(tmp_path):
     from model.cdc.model import CDCModel
 
     config = tiny_config(tmp_path, steps=30)
-    held_out = CropSampler(config["data"], config["crop"], seed=99).batch(8)
+    held_out = CropSampler(config.data, config.crop, seed=99).batch(8)
 
     def held_out_loss(net) -> float:  # same crops, diffusion times and noise every call
         torch.manual_seed(123)
         with torch.no_grad():
-            return float(net(held_out, config["beta"], config["rho"])["loss"])
+            return float(net(held_out, config.beta, config.rho)["loss"])
 
-    torch.manual_seed(config["seed"])
-    initial_loss = held_out_loss(CDCModel(config["model"]))  # train() starts from these weights
+    torch.manual_seed(config.seed)
+    initial_loss = held_out_loss(CDCModel(config.model))  # train() starts from these weights
     model, curve = train(config)
     assert [row["step"] for row in curve] == [10, 20, 30]
     # Resuming continues at step 30 from the checkpoint (not from scratch) to step 60.
@@ -198,6 +201,7 @@ def test_training_smoke_loss_falls_and_resume_continues(tmp_path):
     img = np.asarray(Image.open(dev_photos()[1]).convert("RGB"))[:40, :50]
     assert codec.decompress(codec.compress(img), steps=1).shape == (40, 50, 3)
     assert path.with_suffix(".curve.csv").read_text().count("\n") == 1 + len(curve)
+    assert read_weights(path).config == {**PRESETS["small"].to_dict(), **TINY}
 
 
 def test_paper_preset_runs_the_same_code_at_the_authors_sizes():
@@ -205,9 +209,34 @@ def test_paper_preset_runs_the_same_code_at_the_authors_sizes():
 
     from model.cdc.model import CDCModel
 
-    small, paper = CDCModel({"preset": "small"}), CDCModel({"preset": "paper"})
+    small, paper = CDCModel(PRESETS["small"]), CDCModel(PRESETS["paper"])
     assert sum(p.numel() for p in paper.parameters()) > 20 * sum(p.numel() for p in small.parameters())
     losses = paper(torch.rand(1, 3, 128, 128) * 2 - 1, beta=0.001, rho=0.5)
     assert all(torch.isfinite(v) for v in losses.values())
     with pytest.raises(ValueError, match="crops larger than"):
         paper(torch.zeros(1, 3, 64, 64), beta=0.001, rho=0.5)
+
+
+def test_shipped_configs_read_back_unchanged():
+    for name in shipped_rates():
+        weights = read_weights(resolve(name))
+        assert CDCConfig.from_dict(weights.config).to_dict() == weights.config  # nothing lost or added
+
+
+def test_configs_refuse_unknown_keys_naming_them_and_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown CDCConfig keys \['hyper_chanels'\]; known keys: \[.*'hyper_channels'"):
+        CDCConfig.from_dict({"preset": "small", "hyper_chanels": 16})
+    with pytest.raises(ValueError, match=r"unknown CDC preset 'huge'"):
+        CDCConfig.from_dict({"preset": "huge"})
+    with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['bta', 'wrap_model'\]; known keys: \[.*'beta'"):
+        TrainConfig.from_dict({"name": "x", "beta": 0.1, "steps": 1, "bta": 0.1, "wrap_model": None})
+    with pytest.raises(ValueError, match="unknown CDCConfig keys"):
+        TrainConfig.from_dict({"name": "x", "beta": 0.1, "steps": 1, "model": {"widths": [8]}})
+
+
+def test_configs_round_trip_through_dicts():
+    config = CDCConfig.from_dict({"preset": "small", **TINY})
+    assert config.unet_widths == (8, 8, 8, 8) and config.default_steps == PRESETS["small"].default_steps
+    assert CDCConfig.from_dict(config.to_dict()) == config
+    train_config = TrainConfig(name="x", beta=0.1, steps=1, model=config)
+    assert TrainConfig.from_dict(train_config.to_dict()) == train_config

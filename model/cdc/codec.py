@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from ..bitstream import BitstreamError
-from .model import STRIDE, CDCModel, EncodedLatents
 from ..codec import Codec
 from ..images import as_rgb8
 from ..registry import Weights
+from .config import CDCConfig
+from .model import STRIDE, CDCModel, EncodedLatents
 
 MAX_STEPS = 1000
 DEFAULT_SEED = 0
@@ -33,13 +34,13 @@ class CDCCodec(Codec):
 
     def __init__(self, weights: Weights, device: str | torch.device | None = None):
         super().__init__(weights, device)
-        self.model = CDCModel(weights.config)
+        self.model = CDCModel(CDCConfig.from_dict(weights.config))
         # Weights may be stored in half precision to keep files small; networks run in float32.
         self.model.load_weight_tensors({k: v.float() for k, v in weights.tensors.items()})
         self.model.eval().to(self.device)
         with self.pinned_numerics():
             self.model.build_entropy_tables()
-        self.default_steps = int(self.model.config["default_steps"])
+        self.default_steps = int(self.model.config.default_steps)
 
     # ----- encoding ------------------------------------------------------------------------
     def compress_batch(self, imgs: Sequence[np.ndarray]) -> list[bytes]:
@@ -110,7 +111,7 @@ class CDCCodec(Codec):
 
     def _entropy_decode(self, height: int, width: int, chunks: list[bytes]):
         ph, pw = self._padded(height, width)
-        z_shape = (1, self.model.config["hyper_channels"], ph // STRIDE, pw // STRIDE)
+        z_shape = (1, self.model.config.hyper_channels, ph // STRIDE, pw // STRIDE)
         try:
             return self.model.decode_latents(chunks[0], chunks[1], z_shape)
         except (RuntimeError, ValueError, IndexError, OverflowError) as exc:

@@ -16,18 +16,10 @@ from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianC
 from pytorch_msssim import ms_ssim
 from torch import nn
 
+from .config import CDCConfig
 from .nets import (AnalysisTransform, ConditionalUNet, ConditioningDecoder, HyperAnalysis,
                        HyperSynthesis)
 
-#: Network sizes. "small" trains on one CPU core; "paper" follows the authors' widths.
-PRESETS: dict[str, dict] = {
-    "small": {"encoder_widths": [16, 32, 48, 64], "latent_channels": 64, "hyper_channels": 32,
-              "context_widths": [16, 32, 32, 64], "unet_widths": [16, 32, 32, 64],
-              "attention": False, "default_steps": 4},
-    "paper": {"encoder_widths": [64, 128, 192, 256], "latent_channels": 256, "hyper_channels": 256,
-              "context_widths": [64, 128, 192, 256], "unet_widths": [64, 128, 192, 256, 320, 384],
-              "attention": True, "default_steps": 16},
-}
 #: The image side must be a multiple of this: y is at 1/16, z at 1/64.
 STRIDE = 64
 # Scales of the Gaussian rANS tables; a scale is rounded up to the next entry. compressai's
@@ -55,18 +47,17 @@ class EncodedLatents:
 
 
 class CDCModel(nn.Module):
-    def __init__(self, config: dict):
+    def __init__(self, config: CDCConfig):
         super().__init__()
-        cfg = {**PRESETS[config.get("preset", "small")], **config}
-        self.config = cfg
-        cy, ch = cfg["latent_channels"], cfg["hyper_channels"]
-        self.analysis = AnalysisTransform(cfg["encoder_widths"], cy)
+        self.config = config
+        cy, ch = config.latent_channels, config.hyper_channels
+        self.analysis = AnalysisTransform(config.encoder_widths, cy)
         self.hyper_analysis = HyperAnalysis(cy, ch)
         self.hyper_synthesis = HyperSynthesis(cy, ch)
         self.entropy_bottleneck = EntropyBottleneck(ch)
         self.gaussian_conditional = GaussianConditional(None)
-        self.conditioning = ConditioningDecoder(cy, cfg["context_widths"])
-        self.unet = ConditionalUNet(cfg["unet_widths"], cfg["context_widths"], cfg["attention"])
+        self.conditioning = ConditioningDecoder(cy, config.context_widths)
+        self.unet = ConditionalUNet(config.unet_widths, config.context_widths, config.attention)
 
     # ----- weights -------------------------------------------------------------------------
     def weight_tensors(self) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..images import decode_image
-from ..registry import Weights, read_weights, save_weights
+from ..registry import SHIPPED_DIR, Weights, read_weights, save_weights
+from .config import TrainConfig
 from .model import CDCModel
 
 log = logging.getLogger(__name__)
@@ -90,34 +93,36 @@ def load_checkpoint(folder: Path, model: CDCModel, optimizer: torch.optim.Optimi
     return meta["step"], meta["curve"]
 
 
-def train(config: dict, report=None) -> tuple[CDCModel, list[dict]]:
-    """The training loop; `report(row)` is called at every logged step (Ray or tests).
+def train(config: TrainConfig, report: Callable[[dict], None] | None = None,
+          wrap_model: Callable[[CDCModel], torch.nn.Module] | None = None) -> tuple[CDCModel, list[dict]]:
+    """The training loop; `report(row)` is called at every logged step (Ray or tests), and
+    `wrap_model` (e.g. DDP) wraps the network that computes the loss.
 
     Returns the trained model (unwrapped) and the training curve.
     """
-    torch.set_num_threads(config.get("threads", 1))
-    rank, world = config.get("rank", 0), config.get("world_size", 1)
-    device = torch.device(config.get("device", "cpu"))
-    torch.manual_seed(config["seed"])  # the same initial weights on every worker and rerun
-    model = CDCModel(config["model"])
-    if config.get("init_from"):
-        model.load_weight_tensors({k: v.float() for k, v in read_weights(config["init_from"]).tensors.items()})
+    torch.set_num_threads(config.threads)
+    rank = config.rank
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)  # the same initial weights on every worker and rerun
+    model = CDCModel(config.model)
+    if config.init_from:
+        model.load_weight_tensors({k: v.float() for k, v in read_weights(config.init_from).tensors.items()})
     model.to(device)
-    optimizer = build_optimizer(model, config["lr"], config["aux_lr"])
-    checkpoint = Path(config["run_dir"]) / "checkpoint" if config.get("run_dir") else None
+    optimizer = build_optimizer(model, config.lr, config.aux_lr)
+    checkpoint = Path(config.run_dir) / "checkpoint" if config.run_dir else None
     step, curve = 0, []
     if checkpoint and (checkpoint / "state.json").is_file():
         step, curve = load_checkpoint(checkpoint, model, optimizer)
         log.info("resuming %s from step %d", checkpoint, step)
     # Fresh randomness per (rank, resume point): a resumed run does not replay old crops.
-    torch.manual_seed(config["seed"] + 1000 * rank + step)
-    sampler = CropSampler(config["data"], config["crop"], config["seed"] + 1000 * rank + step)
-    net = config["wrap_model"](model) if config.get("wrap_model") else model
-    started, deadline = time.time(), time.time() + 60 * config.get("max_minutes", 1e9)
+    torch.manual_seed(config.seed + 1000 * rank + step)
+    sampler = CropSampler(config.data, config.crop, config.seed + 1000 * rank + step)
+    net = wrap_model(model) if wrap_model else model
+    started, deadline = time.time(), time.time() + 60 * config.max_minutes
     elapsed_before = curve[-1]["elapsed_s"] if curve else 0.0
     window: list[dict] = []
-    while step < config["steps"] and time.time() < deadline:
-        out = net(sampler.batch(config["batch_size"]).to(device), config["beta"], config["rho"])
+    while step < config.steps and time.time() < deadline:
+        out = net(sampler.batch(config.batch_size).to(device), config.beta, config.rho)
         optimizer.zero_grad(set_to_none=True)
         (out["loss"] + out["aux"]).backward()
         # Clip the networks only: the quantiles' aux gradient is large and would shrink the rest.
@@ -129,7 +134,7 @@ def train(config: dict, report=None) -> tuple[CDCModel, list[dict]]:
             continue
         optimizer.step()
         window.append({k: float(v.detach()) for k, v in out.items()})
-        if step % config["log_every"] == 0 or step == config["steps"]:
+        if step % config.log_every == 0 or step == config.steps:
             row = {"step": step, "elapsed_s": round(elapsed_before + time.time() - started, 1)}
             row.update({k: float(np.mean([w[k] for w in window])) for k in ("loss", "bpp", "mse", "perceptual", "aux")})
             row["psnr_x0"] = float(np.mean([10 * np.log10(4.0 / max(w["mse"], 1e-10)) for w in window]))
@@ -139,22 +144,22 @@ def train(config: dict, report=None) -> tuple[CDCModel, list[dict]]:
                      row["mse"], row["aux"])
             if report:
                 report(row)
-        if checkpoint and rank == 0 and (step % config["checkpoint_every"] == 0 or step == config["steps"]):
+        if checkpoint and rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
             save_checkpoint(checkpoint, model, optimizer, step, curve)
     if checkpoint and rank == 0:
         save_checkpoint(checkpoint, model, optimizer, step, curve)
     return model, curve
 
 
-def export(model: CDCModel, curve: list[dict], config: dict) -> Path:
+def export(model: CDCModel, curve: list[dict], config: TrainConfig) -> Path:
     """Write the registry weights file (float16 tensors: half the size) and its curve."""
     tensors = {k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
                for k, v in model.weight_tensors().items()}
     broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise ValueError(f"refusing to export non-finite weights ({broken[:3]}...); resume from an earlier run")
-    path = save_weights(Weights("cdc", config["name"], model.config, tensors, config["provenance"]),
-                        config["export"])
+    weights = Weights("cdc", config.name, model.config.to_dict(), tensors, config.provenance)
+    path = save_weights(weights, config.export or SHIPPED_DIR / f"{config.name}.safetensors")
     with open(path.with_suffix(".curve.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
         writer.writeheader()
@@ -163,23 +168,23 @@ def export(model: CDCModel, curve: list[dict], config: dict) -> Path:
     return path
 
 
-def ray_worker(config: dict) -> None:
-    """Runs on every Ray Train worker; DDP wraps the model when there are several."""
+def ray_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker (`loop_config` is TrainConfig.to_dict()); DDP wraps the
+    model when there are several."""
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
-    config = {**config, "rank": context.get_world_rank(), "world_size": context.get_world_size(),
-              "device": str(ray.train.torch.get_device())}
-    if config["world_size"] > 1:
-        config["wrap_model"] = ray.train.torch.prepare_model
+    config = replace(TrainConfig.from_dict(loop_config), rank=context.get_world_rank(),
+                     world_size=context.get_world_size(), device=str(ray.train.torch.get_device()))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    model, curve = train(config, report=lambda row: ray.train.report(row))
-    if config["rank"] == 0 and curve:  # done: all steps, or --max-minutes ran out
+    model, curve = train(config, report=lambda row: ray.train.report(row),
+                         wrap_model=ray.train.torch.prepare_model if config.world_size > 1 else None)
+    if config.rank == 0 and curve:  # done: all steps, or --max-minutes ran out
         export(model, curve, config)
 
 
-def fit(config: dict, workers: int = 1, gpu: bool = False):
+def fit(config: TrainConfig, workers: int = 1, gpu: bool = False):
     """Run `ray_worker` on `workers` Ray Train workers (one GPU each with `gpu`); returns Ray's result.
 
     Joins the cluster named by RAY_ADDRESS, else starts Ray in-process.
@@ -191,8 +196,8 @@ def fit(config: dict, workers: int = 1, gpu: bool = False):
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
     trainer = TorchTrainer(
-        ray_worker, train_loop_config=config,
+        ray_worker, train_loop_config=config.to_dict(),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": config["threads"]}),
-        run_config=RunConfig(name=config["name"], storage_path=str(Path(config["run_dir"]) / "ray")))
+                                     resources_per_worker={"CPU": config.threads}),
+        run_config=RunConfig(name=config.name, storage_path=str(Path(config.run_dir) / "ray")))
     return trainer.fit()
