@@ -1,8 +1,10 @@
 """Weights files and the name -> codec registry.
 
 A weights file is one safetensors file whose metadata holds the codec family, the
-registry name, the JSON config and a provenance line (the command that made it).
-Nothing here unpickles anything.
+registry name, the JSON config, a provenance line (the command that made it) and, for
+trained weights, a JSON `training` record (CDC: the loss weights beta and rho). The
+digest covers the codec, config and tensors, not provenance or training: recording how
+weights were made never changes which streams they decode. Nothing here unpickles anything.
 
 Names resolve, in order, to: a path to a file or folder; `<name>.safetensors` in
 $DIFFPRESS_WEIGHTS; in the weights shipped inside this package (model/weights/);
@@ -38,6 +40,7 @@ class Weights:
     config: dict
     tensors: dict[str, torch.Tensor] = field(repr=False)
     provenance: str = ""
+    training: dict = field(default_factory=dict)  # how they were trained (CDC: beta, rho); not digested
 
     @property
     def digest(self) -> bytes:
@@ -64,6 +67,8 @@ def save_weights(weights: Weights, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "codec": weights.codec, "name": weights.name,
                 "config": json.dumps(weights.config, sort_keys=True), "provenance": weights.provenance}
+    if weights.training:
+        metadata["training"] = json.dumps(weights.training, sort_keys=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.tensors.items()}
     save_file(tensors, str(path), metadata=metadata)
     return path
@@ -76,7 +81,8 @@ def read_weights(path: str | Path) -> Weights:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a diffpress weights file (metadata format {meta.get('format')!r})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return Weights(meta["codec"], meta["name"], json.loads(meta["config"]), tensors, meta.get("provenance", ""))
+    return Weights(meta["codec"], meta["name"], json.loads(meta["config"]), tensors, meta.get("provenance", ""),
+                   json.loads(meta.get("training", "{}")))
 
 
 def resolve(name_or_path: str | Path) -> Path:

@@ -48,8 +48,13 @@ def torch_equal(a, b) -> bool:
 
 
 def shipped_rates() -> list[str]:
-    """Shipped cdc-small-bNNNN weights, by increasing beta (decreasing rate)."""
-    return sorted((n for n in available() if n.startswith("cdc-small-b")), key=lambda n: int(n[-4:]))
+    """Shipped CDC weights, by increasing beta (decreasing rate), as each file records it."""
+    rates = {}
+    for name in available():
+        weights = read_weights(resolve(name))
+        if weights.codec == "cdc":
+            rates[name] = weights.training["beta"]
+    return sorted(rates, key=rates.get)
 
 
 def test_three_rates_are_shipped_and_higher_beta_spends_fewer_bits(photo):
@@ -201,7 +206,9 @@ def test_training_smoke_loss_falls_and_resume_continues(tmp_path):
     img = np.asarray(Image.open(dev_photos()[1]).convert("RGB"))[:40, :50]
     assert codec.decompress(codec.compress(img), steps=1).shape == (40, 50, 3)
     assert path.with_suffix(".curve.csv").read_text().count("\n") == 1 + len(curve)
-    assert read_weights(path).config == {**PRESETS["small"].to_dict(), **TINY}
+    weights = read_weights(path)
+    assert weights.training == {"beta": 0.01, "rho": 0.1}
+    assert weights.config == {**PRESETS["small"].to_dict(), **TINY}
 
 
 def test_paper_preset_runs_the_same_code_at_the_authors_sizes():
@@ -217,9 +224,10 @@ def test_paper_preset_runs_the_same_code_at_the_authors_sizes():
         paper(torch.zeros(1, 3, 64, 64), beta=0.001, rho=0.5)
 
 
-def test_shipped_configs_read_back_unchanged():
+def test_shipped_weights_record_their_loss_weights():
     for name in shipped_rates():
         weights = read_weights(resolve(name))
+        assert set(weights.training) == {"beta", "rho"} and weights.training["beta"] > 0, (name, weights.training)
         assert CDCConfig.from_dict(weights.config).to_dict() == weights.config  # nothing lost or added
 
 

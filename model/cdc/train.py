@@ -152,13 +152,17 @@ def train(config: TrainConfig, report: Callable[[dict], None] | None = None,
 
 
 def export(model: CDCModel, curve: list[dict], config: TrainConfig) -> Path:
-    """Write the registry weights file (float16 tensors: half the size) and its curve."""
+    """Write the registry weights file (float16 tensors: half the size) and its curve.
+
+    The file records the network config (digested) and, apart, the loss weights beta and rho.
+    """
     tensors = {k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
                for k, v in model.weight_tensors().items()}
     broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise ValueError(f"refusing to export non-finite weights ({broken[:3]}...); resume from an earlier run")
-    weights = Weights("cdc", config.name, model.config.to_dict(), tensors, config.provenance)
+    weights = Weights("cdc", config.name, model.config.to_dict(), tensors, config.provenance,
+                      training={"beta": config.beta, "rho": config.rho})
     path = save_weights(weights, config.export or SHIPPED_DIR / f"{config.name}.safetensors")
     with open(path.with_suffix(".curve.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
