@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -84,17 +85,39 @@ class Codec(ABC):
         compute them bit-identically. On CPU, BLAS splits some reductions by thread count
         (measured: a batch-1 attention matmul differs between 1, 2 and 4 threads), so the
         networks run single-threaded; throughput comes from running one codec per core.
+        Every global setting changed here is restored on exit, also after an exception.
         """
-        previous = torch.get_num_threads()
-        if self.device.type == "cpu":
-            torch.set_num_threads(1)
-        else:  # same kernels on every call; TF32 would make GPU and CPU disagree more
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+        saved = _numerics_settings()
         try:
+            if self.device.type == "cpu":
+                torch.set_num_threads(1)
+            else:  # same kernels on every call; TF32 would make GPU and CPU disagree more
+                _set_numerics_settings(saved.threads, deterministic=True, benchmark=False,
+                                       matmul_tf32=False, cudnn_tf32=False)
             with torch.inference_mode():
                 yield
         finally:
-            torch.set_num_threads(previous)
+            _set_numerics_settings(*saved)
+
+
+class _NumericsSettings(NamedTuple):
+    threads: int
+    deterministic: bool
+    benchmark: bool
+    matmul_tf32: bool
+    cudnn_tf32: bool
+
+
+def _numerics_settings() -> _NumericsSettings:
+    return _NumericsSettings(torch.get_num_threads(), torch.backends.cudnn.deterministic,
+                             torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                             torch.backends.cudnn.allow_tf32)
+
+
+def _set_numerics_settings(threads: int, deterministic: bool, benchmark: bool, matmul_tf32: bool,
+                           cudnn_tf32: bool) -> None:
+    torch.set_num_threads(threads)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = benchmark
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
