@@ -18,7 +18,12 @@ MAX_DECODED_PIXELS = 120_000_000
 
 
 class ImageDecodeError(ValueError):
-    """An input could not be turned into an RGB image; the message says why."""
+    """An input could not be turned into an RGB image. `category` is a short, fixed name for
+    the kind of failure (to count by); the message is "category: detail"."""
+
+    def __init__(self, category: str, detail: str = ""):
+        super().__init__(f"{category}: {detail}" if detail else category)
+        self.category = category
 
 
 def as_rgb8(img: np.ndarray) -> np.ndarray:
@@ -50,7 +55,8 @@ def to_rgb8(image: Image.Image) -> tuple[np.ndarray, str]:
     if mode in ("L", "1"):
         return as_rgb8(np.asarray(image.convert("L"))), f"{mode}->RGB (gray replicated)"
     if mode == "F":
-        raise ImageDecodeError("floating-point images are not supported; export them as 8 or 16-bit")
+        raise ImageDecodeError("unsupported pixel format",
+                               "floating-point images are not supported; export them as 8 or 16-bit")
     if mode.startswith("I"):
         return _high_depth_gray(image), f"{mode}->RGB (16-bit gray scaled to 8-bit)"
     if mode == "P":
@@ -83,17 +89,17 @@ def decode_image(data: bytes) -> tuple[np.ndarray, str]:
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 if width * height > MAX_DECODED_PIXELS:
-                    raise ImageDecodeError(
-                        f"decompression bomb: {width}x{height} exceeds {MAX_DECODED_PIXELS} pixels")
+                    raise ImageDecodeError("decompression bomb",
+                                           f"{width}x{height} exceeds {MAX_DECODED_PIXELS} pixels")
                 image.load()
                 oriented = ImageOps.exif_transpose(image)
                 array, note = to_rgb8(oriented)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
+        raise ImageDecodeError("decompression bomb", str(exc)) from exc
     except Exception as exc:  # Pillow raises many types for bad data; all mean "not an image"
-        raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+        raise ImageDecodeError("cannot decode image", f"{type(exc).__name__}: {exc}") from exc
     if oriented is not image:
         note += " (EXIF orientation applied)"
     return array, note

@@ -294,9 +294,9 @@ class _Scheduler:
             stats = ray.get(stats_ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             # The encoder died on this batch on every retry: record it, keep going.
-            reason = f"encoder crashed: {type(exc).__name__} after retries"
             log.error("batch %d of shard %s failed: %s", number, progress.shard.name, exc)
-            progress.encoded[number] = ray.put(stages.failed_batch(ray.get(decoded), reason))
+            progress.encoded[number] = ray.put(stages.failed_batch(
+                ray.get(decoded), "encoder crashed", f"{type(exc).__name__} after retries"))
         else:
             entry = self.stats.setdefault(str(stats["actor"]), {"images": 0, "pixels": 0, "busy_seconds": 0.0,
                                                                 "cpu_seconds": 0.0, "nodes": [], "devices": []})
@@ -369,7 +369,7 @@ def _summarize(output: Location, url: str, shards: list[Shard], skipped: int, ru
         output=url, shards=len(shards), shards_skipped=skipped, images=manifests.num_rows, pixels=pixels,
         source_bytes=sum(manifests["source_bytes"].to_pylist()), compressed_bytes=compressed,
         bpp=8 * compressed / pixels if pixels else 0.0,
-        errors_by_reason=dict(Counter(stages.reason_category(r) for r in errors["reason"].to_pylist())),
+        errors_by_reason=dict(Counter(errors["category"].to_pylist())),
         run_images=sum(e["images"] for e in run.stats.values()), run_seconds=run.seconds,
         megapixels_per_second=run_pixels / 1e6 / run.seconds if run.seconds else 0.0,
         steady_megapixels_per_second=run.steady_megapixels_per_second, encoders=run.stats)

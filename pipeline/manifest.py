@@ -49,7 +49,8 @@ ERRORS_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("source_url", pa.string()),
     ("member", pa.string()),
-    ("reason", pa.string()),
+    ("reason", pa.string()),    # the whole story: "category: detail"
+    ("category", pa.string()),  # short and fixed, to count by (e.g. "cannot decode image")
 ])
 
 
@@ -88,4 +89,10 @@ def read_manifests(location: Location) -> pa.Table:
 
 
 def read_errors(location: Location) -> pa.Table:
-    return read_tables(location, ERRORS_DIR, ERRORS_SCHEMA)
+    table = read_tables(location, ERRORS_DIR, ERRORS_SCHEMA)
+    if table["category"].null_count == 0:
+        return table
+    # Shards committed before errors had a category column: their reasons start with it.
+    categories = [category if category is not None else reason.split(":", 1)[0].strip()
+                  for category, reason in zip(table["category"].to_pylist(), table["reason"].to_pylist())]
+    return table.set_column(table.schema.get_field_index("category"), "category", pa.array(categories, pa.string()))

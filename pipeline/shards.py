@@ -21,11 +21,16 @@ END_OF_ARCHIVE = 1024  # a complete tar ends with two zeroed 512-byte blocks
 
 @dataclass(frozen=True)
 class MemberError:
-    """Something in a shard that could not be encoded; `reason` starts with a short category."""
+    """Something in a shard that could not be encoded."""
 
     key: str
     member: str
-    reason: str
+    category: str  # short and fixed, to count by: "truncated tar", "cannot decode image", ...
+    reason: str    # the whole story: "category: detail"
+
+    @classmethod
+    def of(cls, key: str, member: str, category: str, detail: str) -> MemberError:
+        return cls(key, member, category, f"{category}: {detail}")
 
 
 @dataclass
@@ -69,12 +74,12 @@ def read_shard(data: bytes) -> ShardContents:
             end = _read_members(tar, samples, errors)
     except tarfile.ReadError as exc:
         if samples or errors:
-            errors.append(MemberError("", "", f"truncated tar: {exc} after {len(samples)} samples"))
+            errors.append(MemberError.of("", "", "truncated tar", f"{exc} after {len(samples)} samples"))
         else:
-            errors.append(MemberError("", "", f"not a tar archive: {exc}"))
+            errors.append(MemberError.of("", "", "not a tar archive", str(exc)))
         return ShardContents(list(samples.values()), errors)
     if end is not None and data[end:end + END_OF_ARCHIVE] != bytes(END_OF_ARCHIVE):
-        errors.append(MemberError("", "", f"truncated tar: no end-of-archive marker after byte {end}"))
+        errors.append(MemberError.of("", "", "truncated tar", f"no end-of-archive marker after byte {end}"))
     return ShardContents(list(samples.values()), errors)
 
 
@@ -89,11 +94,11 @@ def _read_members(tar: tarfile.TarFile, samples: dict[str, Sample],
             content = tar.extractfile(info).read()
         except tarfile.ReadError as exc:
             samples.pop(key, None)
-            errors.append(MemberError(key, member, f"truncated tar: member {info.name} is cut short ({exc})"))
+            errors.append(MemberError.of(key, member, "truncated tar", f"member {info.name} is cut short ({exc})"))
             return None
         sample = samples.setdefault(key, Sample(key))
         if member in sample.members:
-            errors.append(MemberError(key, member, f"duplicate member: {info.name} appears twice; kept the first"))
+            errors.append(MemberError.of(key, member, "duplicate member", f"{info.name} appears twice; kept the first"))
             continue
         sample.members[member] = content
     return tar.offset

@@ -89,12 +89,7 @@ class ShardTotals:
     pixels: int = 0
     source_bytes: int = 0
     compressed_bytes: int = 0
-    errors: Counter = field(default_factory=Counter)  # by reason category
-
-
-def reason_category(reason: str) -> str:
-    """'cannot decode image: OSError: ...' -> 'cannot decode image' (for error counts)."""
-    return reason.split(":", 1)[0].strip()
+    errors: Counter = field(default_factory=Counter)  # by category
 
 
 def decode_shard_batches(shard: Shard, data: bytes, batch_size: int) -> Iterator[ShardInfo | DecodedBatch]:
@@ -105,7 +100,7 @@ def decode_shard_batches(shard: Shard, data: bytes, batch_size: int) -> Iterator
     for sample in contents.samples:
         if sample.image_member is None:
             found = ", ".join(sample.members) or "nothing"
-            errors.append(MemberError(sample.key, found, f"no image member: found {found}"))
+            errors.append(MemberError.of(sample.key, found, "no image member", f"found {found}"))
         else:
             with_image.append(sample)
     yield ShardInfo(shard, {s.key: s.extras for s in with_image}, errors)
@@ -116,7 +111,7 @@ def decode_shard_batches(shard: Shard, data: bytes, batch_size: int) -> Iterator
         try:
             pixels, mode = decode_image(source)
         except ImageDecodeError as exc:
-            batch.errors.append(MemberError(sample.key, member, str(exc)))
+            batch.errors.append(MemberError(sample.key, member, exc.category, str(exc)))
             continue
         batch.images.append(DecodedImage(Source(sample.key, index, member, mode, len(source)), pixels))
         if len(batch.images) == batch_size:
@@ -140,8 +135,8 @@ def encode_batch(codec: Codec, batch: DecodedBatch) -> EncodedBatch:
             data = datas[i] if datas is not None else codec.compress(image.pixels)
             result.images.append(_encoded(codec, image, data))
         except Exception as exc:  # noqa: BLE001 - recorded as this image's error row
-            result.errors.append(MemberError(image.source.key, image.source.member,
-                                             f"encode failed: {type(exc).__name__}: {exc}"))
+            result.errors.append(MemberError.of(image.source.key, image.source.member, "encode failed",
+                                                f"{type(exc).__name__}: {exc}"))
     return result
 
 
@@ -153,9 +148,9 @@ def _encoded(codec: Codec, image: DecodedImage, data: bytes) -> EncodedImage:
     return EncodedImage(image.source, width, height, data, tuple(header.chunk_lengths))
 
 
-def failed_batch(batch: DecodedBatch, reason: str) -> EncodedBatch:
-    """The result of a batch whose encoder died on every retry: each image gets the reason."""
-    return EncodedBatch(errors=list(batch.errors) + [MemberError(i.source.key, i.source.member, reason)
+def failed_batch(batch: DecodedBatch, category: str, detail: str) -> EncodedBatch:
+    """The result of a batch whose encoder died on every retry: each image gets the error."""
+    return EncodedBatch(errors=list(batch.errors) + [MemberError.of(i.source.key, i.source.member, category, detail)
                                                      for i in batch.images])
 
 
@@ -168,14 +163,15 @@ def commit_shard(output: Location, info: ShardInfo, batches: Sequence[EncodedBat
     errors = list(info.errors) + [error for batch in batches for error in batch.errors]
     output.write_atomic(data_path(shard.name), b"".join(image.data for image in images))
     write_table(output, errors_path(shard.name), to_table(
-        ({"key": e.key, "source_url": shard.url, "member": e.member, "reason": e.reason} for e in errors),
+        ({"key": e.key, "source_url": shard.url, "member": e.member, "reason": e.reason, "category": e.category}
+         for e in errors),
         ERRORS_SCHEMA))
     write_table(output, manifest_path(shard.name), to_table(
         _manifest_rows(images, info, codec, output.url(data_path(shard.name))), MANIFEST_SCHEMA))
     return ShardTotals(images=len(images), pixels=sum(i.width * i.height for i in images),
                        source_bytes=sum(i.source.size for i in images),
                        compressed_bytes=sum(len(i.data) for i in images),
-                       errors=Counter(reason_category(e.reason) for e in errors))
+                       errors=Counter(e.category for e in errors))
 
 
 def _manifest_rows(images: list[EncodedImage], info: ShardInfo, codec: CodecInfo, data_url: str) -> Iterator[dict]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import stages
-from pipeline.manifest import MANIFEST_SCHEMA, data_path, errors_path, manifest_path, read_manifests
+from pipeline.manifest import (MANIFEST_SCHEMA, data_path, errors_path, manifest_path, read_errors, read_manifests,
+                               write_table)
 from pipeline.shards import Sample, read_shard, split_member_name, write_shard
 from pipeline.storage import Shard, list_shards, open_location, redact
 
@@ -39,11 +41,29 @@ def test_truncated_tar_keeps_complete_samples(where):
     contents = read_shard(data[:cut])
     assert [s.key for s in contents.samples] == ["k0", "k1"]
     assert len(contents.errors) == 1 and contents.errors[0].reason.startswith("truncated tar")
+    assert contents.errors[0].category == "truncated tar"
 
 
 def test_not_a_tar_is_an_error_not_an_exception():
     contents = read_shard(b"hello, not a tar")
     assert contents.samples == [] and contents.errors[0].reason.startswith("not a tar archive")
+    assert contents.errors[0].category == "not a tar archive"
+
+
+def test_errors_written_before_the_category_column_read_with_one(tmp_path):
+    output = open_location(str(tmp_path))
+    old = pa.table({"key": ["a"], "source_url": ["file:///s.tar"], "member": ["jpg"],
+                    "reason": ["cannot decode image: OSError: broken"]})
+    write_table(output, errors_path("old"), old)
+    new = stages.commit_shard(output, stages.ShardInfo(Shard("new", "file:///new.tar"), {}, []),
+                              [stages.failed_batch(stages.DecodedBatch([stages.DecodedImage(
+                                  stages.Source("b", 0, "png", "RGB", 1), np.zeros((1, 1, 3), np.uint8))]),
+                                  "encoder crashed", "RayActorError after retries")],
+                              stages.CodecInfo("c", "00", False))
+    assert new.errors == {"encoder crashed": 1}
+    rows = sorted(read_errors(output).to_pylist(), key=lambda r: r["key"])
+    assert [(r["key"], r["category"]) for r in rows] == [("a", "cannot decode image"), ("b", "encoder crashed")]
+    assert rows[1]["reason"] == "encoder crashed: RayActorError after retries"
 
 
 def test_list_shards_from_folder_glob_and_list(tmp_path):
@@ -87,7 +107,8 @@ def test_decode_stage_reports_each_fault_with_its_reason():
     items = list(stages.decode_shard_batches(Shard("s", "file:///s.tar"), write_shard(samples), batch_size=8))
     info, batches = items[0], items[1:]
     errors = info.errors + [e for b in batches for e in b.errors]
-    assert {e.key: stages.reason_category(e.reason) for e in errors} == {k: r for k, (_, r) in FAULTS.items()}
+    assert {e.key: e.category for e in errors} == {k: r for k, (_, r) in FAULTS.items()}
+    assert all(e.reason.startswith(f"{e.category}: ") or e.reason == e.category for e in errors)
     assert [i.source.key for b in batches for i in b.images] == ["ok"]
     assert set(info.extras["ok"]) == {"cls", "json"}
 
@@ -113,7 +134,8 @@ def test_commit_writes_blob_errors_then_a_manifest_any_reader_reads(tmp_path, uq
         assert row["length"] - sum(row["chunk_lengths"]) == header.size
         assert dict(row["extras"]) == {k: v for k, v in samples[int(row["key"][1])].members.items()
                                        if k in ("cls", "json")}
-    assert pq.read_table(tmp_path / errors_path("s0")).to_pylist()[0]["reason"].startswith("no image member")
+    error = pq.read_table(tmp_path / errors_path("s0")).to_pylist()[0]
+    assert error["category"] == "no image member" and error["reason"] == "no image member: found txt"
 
 
 def test_encode_failure_isolated_to_its_image(uqdm):
@@ -122,4 +144,5 @@ def test_encode_failure_isolated_to_its_image(uqdm):
         stages.DecodedImage(stages.Source("bad", 1, "png", "RGB", 10), np.zeros((8, 8), np.float32))])
     result = stages.encode_batch(uqdm, batch)
     assert [i.source.key for i in result.images] == ["good"]
-    assert result.errors[0].key == "bad" and result.errors[0].reason.startswith("encode failed")
+    assert result.errors[0].key == "bad" and result.errors[0].reason.startswith("encode failed: ")
+    assert result.errors[0].category == "encode failed"
