@@ -1,4 +1,5 @@
-"""The archive's storage layout and its Parquet schemas (fixed by DESIGN.md).
+"""The archive's storage layout and its Parquet schemas: a contract with every reader
+(README.md, "compress_bucket and decoding").
 
     _job.json                  codec, weights digest, config, versions, input list
     manifest/<shard>.parquet   one row per encoded image (MANIFEST_SCHEMA)
@@ -6,10 +7,10 @@
     errors/<shard>.parquet     inputs that could not be encoded (ERRORS_SCHEMA)
     _SUCCESS                   written last, with totals
 
-A shard is committed when its manifest exists. Columns beyond DESIGN.md's list:
-`source_member` (the image's member name, e.g. "jpg"), `source_mode` (the conversion
-applied to reach RGB, from model.images.decode_image) and `source_bytes` (size of the
-original image member), so the archive says what it replaced.
+A shard is committed when its manifest exists. Manifest columns `key` to `extras` are the
+contract; three more say what the archive replaced: `source_member` (the image's member
+name, e.g. "jpg"), `source_mode` (the conversion applied to reach RGB, from
+model.images.decode_image) and `source_bytes` (size of the original image member).
 """
 
 from __future__ import annotations
