@@ -15,15 +15,7 @@ import json
 import logging
 import sys
 
-from tqdm import tqdm
-
-from model.images import encode_png
-from pipeline.archive import Archive
-from pipeline.shards import Sample, write_shard
-from pipeline.storage import open_location
-
-SAMPLES_PER_SHARD = 1000
-log = logging.getLogger("jobs.decode")
+from pipeline.archive import decode_archive
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,19 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    archive = Archive(args.input, args.storage_options)
-    target = open_location(args.to, args.storage_options)
-    keys = args.keys or archive.keys()
-    samples = []
-    for key in tqdm(keys, unit="image", desc="decode"):
-        png = encode_png(archive.decode(key, steps=args.steps, chunks=args.chunks))
-        if args.format == "png":
-            target.write_atomic(f"{key}.png", png)
-        else:
-            samples.append(Sample(key, {"png": png, **dict(archive.record(key)["extras"])}))
-    for number, start in enumerate(range(0, len(samples), SAMPLES_PER_SHARD)):
-        target.write_atomic(f"decoded-{number:06d}.tar", write_shard(samples[start:start + SAMPLES_PER_SHARD]))
-    log.info("decoded %d images into %s", len(keys), args.to)
+    decode_archive(args.input, args.to, args.storage_options, keys=args.keys, steps=args.steps,
+                   chunks=args.chunks, fmt=args.format)
     return 0
 
 

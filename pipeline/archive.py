@@ -5,6 +5,7 @@
     archive.read("0001")                    # the record's bytes, crc32 verified
     archive.read("0001", chunks=2)          # progressive: header + first 2 chunks only
     archive.decode("0001", chunks=2)        # HxWx3 uint8 via the archive's codec
+    decode_archive("s3://bucket/out", "out/png")   # every image to PNG (or webdataset shards)
 
 Records are located by the archive's own layout (data/<basename of data_url>) so an
 archive still reads after being copied or moved elsewhere.
@@ -13,17 +14,24 @@ archive still reads after being copied or moved elsewhere.
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 
 import numpy as np
+from tqdm import tqdm
 
 from model import BitstreamError, Codec, load_codec
+from model.images import encode_png
 
 from .manifest import DATA_DIR, JOB_FILE, read_manifests
+from .shards import Sample, write_shard
 from .storage import open_location
+
+log = logging.getLogger(__name__)
+SAMPLES_PER_SHARD = 1000
 
 
 class ArchiveError(RuntimeError):
@@ -103,3 +111,26 @@ class Archive:
             return self.codec.decompress(data, **options)
         except BitstreamError as exc:
             raise ArchiveError(f"record {key!r} of {self.url} does not decode: {exc}") from exc
+
+
+def decode_archive(url: str, to: str, storage_options: Mapping | None = None, keys: Sequence[str] | None = None,
+                   steps: int | None = None, chunks: int | None = None, fmt: str = "png") -> int:
+    """Decode an archive's images (all, or `keys`) into the folder URL `to`; returns how many.
+
+    fmt "png": <key>.png each. fmt "wds": webdataset shards decoded-000000.tar, ... with each
+    key's PNG and its original extras (.cls, .txt, ...), like the input dataset.
+    """
+    archive = Archive(url, storage_options)
+    target = open_location(to, storage_options)
+    keys = keys or archive.keys()
+    samples = []
+    for key in tqdm(keys, unit="image", desc="decode"):
+        png = encode_png(archive.decode(key, steps=steps, chunks=chunks))
+        if fmt == "png":
+            target.write_atomic(f"{key}.png", png)
+        else:
+            samples.append(Sample(key, {"png": png, **dict(archive.record(key)["extras"])}))
+    for number, start in enumerate(range(0, len(samples), SAMPLES_PER_SHARD)):
+        target.write_atomic(f"decoded-{number:06d}.tar", write_shard(samples[start:start + SAMPLES_PER_SHARD]))
+    log.info("decoded %d images into %s", len(keys), to)
+    return len(keys)

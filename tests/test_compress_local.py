@@ -18,10 +18,11 @@ from ray._private import state
 
 from jobs import decode as decode_job
 from model import decode_image
-from pipeline.archive import Archive, ArchiveError
+from pipeline.archive import Archive, ArchiveError, decode_archive
 from pipeline.compress import CompressConfig, run_compress
 from pipeline.loader import ArchiveDataset
 from pipeline.manifest import SUCCESS_FILE, data_path, manifest_path, read_errors, read_manifests
+from pipeline.shards import read_shard
 from pipeline.storage import open_location
 
 from .pipeline_fixtures import build_dataset, local_ray  # noqa: F401 - fixture
@@ -117,6 +118,11 @@ def test_loader_and_decode_job_read_the_archive(archive_dir, tmp_path, uqdm):
     decode_job.main(["--input", str(out), "--to", str(tmp_path / "png"), "--keys", "img000", "img001"])
     png, _ = decode_image((tmp_path / "png" / "img001.png").read_bytes())
     assert np.array_equal(png, samples["img001"]["image"].numpy())
+    assert decode_archive(str(out), str(tmp_path / "wds"), keys=["img001"], fmt="wds") == 1
+    shard = read_shard((tmp_path / "wds" / "decoded-000000.tar").read_bytes())
+    assert [s.key for s in shard.samples] == ["img001"] and not shard.errors
+    assert shard.samples[0].extras == dict(samples["img001"]["extras"])
+    assert np.array_equal(decode_image(shard.samples[0].members["png"])[0], png)
 
 
 def test_rerun_skips_committed_shards_and_redoes_a_crashed_one(archive_dir, tmp_path, dataset):
