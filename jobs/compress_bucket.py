@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
+from jobs._cli import setup_logging
 from pipeline.compress import CompressConfig, connect_ray, run_compress
 from pipeline.samples import build_sample_shards
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     inputs = args.input or str(build_sample_shards(SAMPLE_SHARDS))
     config = CompressConfig(inputs=inputs, output=args.output, codec=args.codec, actors=args.actors,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
+from jobs._cli import setup_logging
 from pipeline.archive import decode_archive
 
 
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     decode_archive(args.input, args.to, args.storage_options, keys=args.keys, steps=args.steps,
                    chunks=args.chunks, fmt=args.format)

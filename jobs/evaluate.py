@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
+from jobs._cli import setup_logging
 from model.classical import compare_codecs
 from model.evaluation import load_images
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, help="diffusion steps (default: each codec's)")
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     images = load_images(args.images)
     report = {"images": list(images), "codecs": {}}
     for name, result in compare_codecs(args.codecs, images, steps=args.steps):

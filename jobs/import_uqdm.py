@@ -12,6 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from jobs._cli import setup_logging
 from model.registry import USER_DIR, save_weights
 from model.uqdm.importer import import_checkpoint
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--name", default="uqdm-tiny", help="registry name to import as")
     parser.add_argument("--out", type=Path, help="output .safetensors path (default: the user weights folder)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     weights = import_checkpoint(args.source, name=args.name)
     path = save_weights(weights, args.out or USER_DIR / f"{args.name}.safetensors")
     log.info("wrote %s (digest %s)", path, weights.digest.hex())

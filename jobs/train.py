@@ -25,6 +25,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from jobs._cli import setup_logging
 from model.cdc.config import PRESETS, TrainConfig
 from model.cdc.train import fit
 
@@ -62,7 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     config = TrainConfig(
         name=args.name, model=PRESETS[args.preset], beta=args.beta, rho=args.rho, steps=args.steps,
         max_minutes=args.max_minutes, batch_size=args.batch_size, crop=args.crop, lr=args.lr, aux_lr=args.aux_lr,

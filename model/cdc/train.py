@@ -181,7 +181,6 @@ def ray_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     config = replace(TrainConfig.from_dict(loop_config), rank=context.get_world_rank(),
                      world_size=context.get_world_size(), device=str(ray.train.torch.get_device()))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, curve = train(config, report=lambda row: ray.train.report(row),
                          wrap_model=ray.train.torch.prepare_model if config.world_size > 1 else None)
     if config.rank == 0 and curve:  # done: all steps, or --max-minutes ran out
@@ -191,7 +190,8 @@ def ray_worker(loop_config: dict) -> None:
 def fit(config: TrainConfig, workers: int = 1, gpu: bool = False):
     """Run `ray_worker` on `workers` Ray Train workers (one GPU each with `gpu`); returns Ray's result.
 
-    Joins the cluster named by RAY_ADDRESS, else starts Ray in-process.
+    Joins the cluster named by RAY_ADDRESS, else starts Ray in-process. Ray Train sets up
+    its workers' logging (INFO lines reach the driver's console).
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
