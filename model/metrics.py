@@ -1,4 +1,6 @@
-"""Image quality metrics on HxWx3 uint8 arrays (RGB, 8-bit): PSNR and MS-SSIM."""
+"""Image quality metrics on HxWx3 uint8 arrays (RGB, 8-bit): PSNR and MS-SSIM.
+
+The one PSNR of the project: evaluation, benchmarks, tests and training all use it."""
 
 from __future__ import annotations
 
@@ -8,8 +10,12 @@ from pytorch_msssim import ms_ssim
 
 
 def psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    mse = np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+    return psnr_from_mse(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2))
+
+
+def psnr_from_mse(mse: float, peak: float = 255.0) -> float:
+    """PSNR in dB of a mean squared error, for signals spanning `peak` (2.0 for [-1, 1])."""
+    return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
 
 
 def msssim(reference: np.ndarray, test: np.ndarray) -> float:

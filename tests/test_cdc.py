@@ -12,6 +12,7 @@ from PIL import Image
 
 from model import BitstreamError, available, bitstream, load_codec
 from model.cdc.config import PRESETS, CDCConfig, TrainConfig
+from model.metrics import psnr
 from model.paths import REPO, TRAIN_PHOTOS
 from model.registry import read_weights, resolve
 
@@ -91,9 +92,8 @@ def test_any_size_roundtrips_and_is_cropped_back(cdc, photo, height, width):
 
 def test_reconstruction_resembles_the_input(cdc, photo):
     crop = photo[:128, :192]
-    out = cdc.decompress(cdc.compress(crop), steps=2).astype(np.float64)
-    psnr = 10 * np.log10(255.0 ** 2 / np.mean((out - crop) ** 2))
-    assert psnr > 18, psnr  # a trained model, not noise; the honest figures are in benchmarks/
+    quality = psnr(crop, cdc.decompress(cdc.compress(crop), steps=2))
+    assert quality > 18, quality  # a trained model, not noise; the honest figures are in benchmarks/
 
 
 def test_truncated_corrupt_and_foreign_streams_raise(cdc, photo):

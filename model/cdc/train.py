@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..images import decode_image
+from ..metrics import psnr_from_mse
 from ..registry import SHIPPED_DIR, Weights, read_weights, save_weights
 from .config import TrainConfig
 from .model import CDCModel
@@ -137,7 +138,7 @@ def train(config: TrainConfig, report: Callable[[dict], None] | None = None,
         if step % config.log_every == 0 or step == config.steps:
             row = {"step": step, "elapsed_s": round(elapsed_before + time.time() - started, 1)}
             row.update({k: float(np.mean([w[k] for w in window])) for k in ("loss", "bpp", "mse", "perceptual", "aux")})
-            row["psnr_x0"] = float(np.mean([10 * np.log10(4.0 / max(w["mse"], 1e-10)) for w in window]))
+            row["psnr_x0"] = float(np.mean([psnr_from_mse(max(w["mse"], 1e-10), peak=2.0) for w in window]))
             curve.append(row)
             window = []
             log.info("step %d loss %.4f bpp %.4f mse %.4f aux %.1f", step, row["loss"], row["bpp"],
