@@ -1,0 +1,8 @@
+"""Thin command lines: argparse, logging set-up (_cli.setup_logging), one call into model/ or pipeline/.
+
+    compress_bucket  -> pipeline.compress.run_compress
+    decode           -> pipeline.archive.decode_archive
+    evaluate         -> model.classical.compare_codecs
+    import_uqdm      -> model.uqdm.importer.import_checkpoint
+    train            -> model.cdc.train.fit
+"""

@@ -1,6 +1,24 @@
 """Learned image codecs (UQDM, CDC): networks, entropy coding, bitstreams, weights.
 
 Knows nothing of Ray, storage or shards. Entry point: `load_codec(name_or_path)`.
+
+Shared core:
+    codec       the Codec interface (compress/decompress, batched; pinned numerics)
+    bitstream   the self-describing stream container (header, chunks, CRCs, BitstreamError)
+    entropy     rANS coding with constriction, per-symbol probability rows (UQDM; CDC uses compressai's)
+    images      explicit conversions of files and arrays to HxWx3 uint8
+    registry    weights files (safetensors + JSON metadata), name lookup, FAMILIES table
+    paths       where the team's shared data lives ($DIFFPRESS_SHARED or ../shared)
+Measuring:
+    metrics     psnr, msssim
+    evaluation  a codec's bpp, quality and timings on a set of images
+    classical   JPEG/WebP/AVIF/HEVC round trips and comparisons at matched bpp/PSNR
+One package per codec family:
+    cdc/        Yang & Mandt 2023: config, nets, model (entropy model, diffusion), codec, train
+    uqdm/       Yang, Will & Mandt 2025: net, codec, importer (the authors' checkpoint)
+    weights/    shipped safetensors (cdc-small-*) and their training curves
+
+A new codec family: a package with a Codec subclass, and one line in registry.FAMILIES.
 """
 
 from .bitstream import BitstreamError

@@ -1,13 +1,16 @@
 """Data plane: shards in object storage -> Ray -> bitstreams + Parquet manifests, and back.
 
     storage    fsspec locations: shard listing, atomic writes, credential redaction
-    shards     webdataset tar reading/writing, samples grouped by key
-    manifest   the archive layout and its Parquet schemas
-    stages     decode / encode / commit work, Ray-free
-    compress   the Ray orchestration behind jobs.compress_bucket
-    archive    reading records back (byte ranges, progressive prefixes)
+    shards     webdataset tar reading/writing, samples grouped by key, MemberError
+    manifest   the archive layout and its Parquet schemas (manifest, errors)
+    stages     decode / encode / commit work, Ray-free (each testable alone)
+    compress   the Ray orchestration behind jobs.compress_bucket (actors, retries, summary)
+    archive    reading records back (byte ranges, progressive prefixes); decode_archive
+               behind jobs.decode
     loader     a PyTorch IterableDataset decoding on demand
     samples    demo shards from matplotlib's sample photos
 
-Codecs are used only through model's Codec interface.
+Codecs are used only through model's Codec interface. Where a change goes: a new input
+format in shards; a new column in manifest (and the rows in stages); scheduling, retries
+and the run summary in compress; reading in archive and loader.
 """
