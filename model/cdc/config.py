@@ -58,7 +58,7 @@ PRESETS: dict[str, CDCConfig] = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run (model.cdc.train.train); the defaults are jobs.train's."""
+    """One training run (model.cdc.train.train). jobs.train takes its flags' defaults from here."""
 
     name: str                      # registry name of the exported weights
     beta: float                    # rate weight: loss = beta * bpp + ...
