@@ -144,7 +144,7 @@ def memory(weights: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["progressive", "fidelity", "speed", "memory"])
-    parser.add_argument("--weights", default="uqdm-tiny")
+    parser.add_argument("--weights", default="uqdm-tiny-exact")
     parser.add_argument("--images", type=int, default=12, help="how many dev photos to use")
     args = parser.parse_args(argv)
     codec = load_codec(args.weights, device="cpu")

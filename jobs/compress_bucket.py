@@ -18,7 +18,7 @@ from jobs._cli import setup_logging
 from pipeline.compress import CompressConfig, connect_ray, run_compress
 from pipeline.samples import build_sample_shards
 
-DEFAULT_CODEC = "cdc-small-b0010"  # shipped in model/weights/; uqdm-tiny needs jobs.import_uqdm first
+DEFAULT_CODEC = "cdc-hp128"  # shipped in model/weights/; uqdm-tiny-exact needs jobs.import_uqdm first
 DEFAULT_OUTPUT = "out/compress_bucket"
 SAMPLE_SHARDS = "out/sample_shards"
 

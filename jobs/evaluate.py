@@ -1,6 +1,6 @@
 """Rate-distortion of learned codecs against JPEG, WebP, AVIF and HEVC-intra, on your images.
 
-    python -m jobs.evaluate --codecs cdc-small-b0040 uqdm-tiny --images '../shared/data/photos/dev/*.png' \
+    python -m jobs.evaluate --codecs cdc-hp128:q3 uqdm-tiny-exact --images '../shared/data/photos/dev/*.png' \
         --out rd.json [--steps 4]
 
 For each image and codec: bits per pixel of the real stream, PSNR and MS-SSIM (RGB, 8-bit),

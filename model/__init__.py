@@ -16,7 +16,7 @@ Measuring:
 One package per codec family:
     cdc/        Yang & Mandt 2023: config, nets, model (entropy model, diffusion), codec, train
     uqdm/       Yang, Will & Mandt 2025: net, codec, importer (the authors' checkpoint)
-    weights/    shipped safetensors (cdc-small-*) and their training curves
+    weights/    shipped safetensors (cdc-hp128) and their training curves
 
 A new codec family: a package with a Codec subclass, and one line in registry.FAMILIES.
 """

@@ -1,20 +1,24 @@
-"""The self-describing container every codec writes.
+"""The self-describing container every codec writes (format 2).
 
-Layout (all integers big-endian):
+Layout (fixed-size integers big-endian; varints are LEB128):
 
     magic        4  b"DFZC"
     version      1  FORMAT_VERSION
-    name_len     1  then the codec name, ASCII
-    digest      16  weights digest (model.registry.weights_digest)
-    height       4
-    width        4
-    params_len   2  then codec-specific parameters (opaque bytes)
-    n_chunks     1  then n_chunks x (length u32, crc32 u32)
+    codec        1  codec family code (FAMILY_CODES)
+    digest       8  the weights' digest (first 8 bytes of model.registry.weights_digest)
+    height       varint
+    width        varint
+    params_len   varint, then codec-specific parameters (opaque bytes)
+    n_chunks     1  then n_chunks x (length varint, crc32 u32)
     header_crc   4  CRC32 of every header byte before it
     chunks          the chunk payloads, back to back
 
-Chunks carry their own CRC so a prefix of chunks (progressive decoding) can be
-checked without the bytes that follow it. Every length is bounded before anything
+Format 2 (this one) is the first whose streams decode identically on every machine
+(integer coding tables); format 1 streams (float numerics) are refused with a message
+that says what reads them. The header is compact for small images (55 bytes for a
+64x64 UQDM stream, 89 in format 1): 8 bytes of digest still tell any two sets of
+weights apart. Chunks carry their own CRC so a prefix of chunks (progressive decoding)
+can be checked without the bytes that follow it. Every length is bounded before anything
 is allocated, so a hostile header cannot make the reader allocate or loop.
 """
 
@@ -25,23 +29,25 @@ import zlib
 from dataclasses import dataclass, field
 
 MAGIC = b"DFZC"
-FORMAT_VERSION = 1
-DIGEST_BYTES = 16
+FORMAT_VERSION = 2
+DIGEST_BYTES = 8
 MAX_SIDE = 1 << 16
 MAX_PIXELS = 1 << 28  # 268 megapixels: far beyond any photo, small enough to bound memory
 MAX_CHUNKS = 64
-MAX_NAME = 64
-
+MAX_PARAMS = 1 << 12
+FAMILY_CODES = {"uqdm": 1, "cdc": 2}
+_NAMES = {code: name for name, code in FAMILY_CODES.items()}
 _FIXED = struct.Struct(">4sBB")
-_SIZE = struct.Struct(">II")
-_U16 = struct.Struct(">H")
 _U8 = struct.Struct(">B")
-_CHUNK = struct.Struct(">II")
-_CRC = struct.Struct(">I")
+_U32 = struct.Struct(">I")
+_OLD_FORMATS = {
+    1: "format 1 was written by diffpress 0.1 with float numerics, which decode only on the kind of machine "
+       "that encoded them; decode it with diffpress 0.1.0 there, then re-encode it with this version",
+}
 
 
 class BitstreamError(ValueError):
-    """The bytes are not a stream this codec can decode (corrupt, truncated, foreign, newer)."""
+    """The bytes are not a stream this codec can decode (corrupt, truncated, foreign, newer, older)."""
 
 
 @dataclass(frozen=True)
@@ -63,55 +69,53 @@ class Header:
 def pack(codec: str, weights_digest: bytes, height: int, width: int,
          chunks: list[bytes], params: bytes = b"") -> bytes:
     """Serialize a stream; the inverse of `unpack`."""
-    name = codec.encode("ascii")
-    if not 0 < len(name) <= MAX_NAME:
-        raise ValueError(f"codec name must be 1..{MAX_NAME} ASCII characters: {codec!r}")
-    if len(weights_digest) != DIGEST_BYTES:
-        raise ValueError(f"weights digest must be {DIGEST_BYTES} bytes")
+    if codec not in FAMILY_CODES:
+        raise ValueError(f"unknown codec family {codec!r}; known: {sorted(FAMILY_CODES)}")
+    if len(weights_digest) < DIGEST_BYTES:
+        raise ValueError(f"weights digest must have at least {DIGEST_BYTES} bytes")
     _check_size(height, width, ValueError)
     if not 0 < len(chunks) <= MAX_CHUNKS:
         raise ValueError(f"a stream holds 1..{MAX_CHUNKS} chunks, got {len(chunks)}")
-    if len(params) >= 1 << 16:
-        raise ValueError("codec parameters must be shorter than 64 KiB")
-    head = bytearray(_FIXED.pack(MAGIC, FORMAT_VERSION, len(name)))
-    head += name + weights_digest + _SIZE.pack(height, width)
-    head += _U16.pack(len(params)) + params + _U8.pack(len(chunks))
+    if len(params) > MAX_PARAMS:
+        raise ValueError(f"codec parameters must be at most {MAX_PARAMS} bytes")
+    head = bytearray(_FIXED.pack(MAGIC, FORMAT_VERSION, FAMILY_CODES[codec]))
+    head += weights_digest[:DIGEST_BYTES] + varint(height) + varint(width)
+    head += varint(len(params)) + params + _U8.pack(len(chunks))
     for chunk in chunks:
-        head += _CHUNK.pack(len(chunk), zlib.crc32(chunk))
-    head += _CRC.pack(zlib.crc32(head))
+        head += varint(len(chunk)) + _U32.pack(zlib.crc32(chunk))
+    head += _U32.pack(zlib.crc32(head))
     return bytes(head) + b"".join(chunks)
 
 
 def read_header(data: bytes) -> Header:
     """Parse and verify the header only; raises BitstreamError on anything off."""
     reader = _Reader(data)
-    magic, version, name_len = reader.take(_FIXED)
+    magic, version, code = reader.take(_FIXED)
     if magic != MAGIC:
         raise BitstreamError("not a diffpress bitstream (bad magic bytes)")
     if version > FORMAT_VERSION:
-        raise BitstreamError(
-            f"stream format version {version} is newer than this reader ({FORMAT_VERSION}); "
-            "upgrade diffpress to decode it")
-    if version < 1 or not 0 < name_len <= MAX_NAME:
-        raise BitstreamError("corrupt header (version or codec name length)")
-    try:
-        codec = reader.raw(name_len).decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise BitstreamError("corrupt header (codec name is not ASCII)") from exc
+        raise BitstreamError(f"stream format {version} is newer than this reader (format {FORMAT_VERSION}); "
+                             "upgrade diffpress to decode it")
+    if version in _OLD_FORMATS:
+        raise BitstreamError(f"this stream uses an older format: {_OLD_FORMATS[version]}")
+    if version != FORMAT_VERSION or code not in _NAMES:
+        raise BitstreamError(f"corrupt header (format {version}, codec code {code})")
     digest = reader.raw(DIGEST_BYTES)
-    height, width = reader.take(_SIZE)
-    (params_len,) = reader.take(_U16)
+    height, width = reader.varint(), reader.varint()
+    _check_size(height, width, BitstreamError)
+    params_len = reader.varint()
+    if params_len > MAX_PARAMS:
+        raise BitstreamError(f"corrupt header ({params_len} parameter bytes)")
     params = reader.raw(params_len)
     (n_chunks,) = reader.take(_U8)
     if not 0 < n_chunks <= MAX_CHUNKS:
         raise BitstreamError(f"corrupt header ({n_chunks} chunks)")
-    chunk_table = [reader.take(_CHUNK) for _ in range(n_chunks)]
+    chunk_table = [(reader.varint(), reader.take(_U32)[0]) for _ in range(n_chunks)]
     end = reader.pos
-    (crc,) = reader.take(_CRC)
+    (crc,) = reader.take(_U32)
     if crc != zlib.crc32(data[:end]):
         raise BitstreamError("header checksum mismatch: the stream is corrupt")
-    _check_size(height, width, BitstreamError)
-    return Header(codec, digest, height, width, params,
+    return Header(_NAMES[code], digest, height, width, params,
                   tuple(n for n, _ in chunk_table), tuple(c for _, c in chunk_table), reader.pos)
 
 
@@ -143,6 +147,30 @@ def unpack(data: bytes, n_chunks: int | None = None) -> tuple[Header, list[bytes
     return header, chunks
 
 
+def varint(n: int) -> bytes:
+    """LEB128: 7 bits a byte, low bits first."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append(0x80 | (n & 0x7F))
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it); at most 5 bytes (values below 2^35), else BitstreamError."""
+    value = 0
+    for shift in range(0, 35, 7):
+        if pos >= len(data):
+            raise BitstreamError("data ends inside a length")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    raise BitstreamError("corrupt length")
+
+
 def _check_size(height: int, width: int, error: type[Exception]) -> None:
     if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE and height * width <= MAX_PIXELS):
         raise error(f"image size {height}x{width} is outside the supported range "
@@ -162,3 +190,10 @@ class _Reader:
 
     def take(self, fmt: struct.Struct) -> tuple:
         return fmt.unpack(self.raw(fmt.size))
+
+    def varint(self) -> int:
+        try:
+            value, self.pos = read_varint(self.data, self.pos)
+        except BitstreamError as exc:
+            raise BitstreamError(f"stream truncated or corrupt inside its header ({exc})") from exc
+        return value

@@ -1,6 +1,6 @@
 """The Codec interface: the only thing the pipeline knows about a model.
 
-    codec = load_codec("uqdm-tiny")
+    codec = load_codec("uqdm-tiny-exact")
     data = codec.compress(img)                    # HxWx3 uint8 -> bytes
     img2 = codec.decompress(data, steps=None)     # -> HxWx3 uint8
 
@@ -29,6 +29,8 @@ class Codec(ABC):
     family: str = ""
     #: True when any prefix of a stream's chunks decodes (UQDM)
     progressive: bool = False
+    #: True when one weights file serves several variants ("name:variant", e.g. CDC's rate points)
+    has_variants: bool = False
 
     def __init__(self, weights: Weights, device: str | torch.device | None = None):
         if weights.codec != self.family:
@@ -64,10 +66,10 @@ class Codec(ABC):
         header = bitstream.read_header(data)
         if header.codec != self.family:
             raise BitstreamError(f"stream was written by codec {header.codec!r}; this is {self.family!r}")
-        if header.weights_digest != self.weights_digest:
+        if header.weights_digest != self.weights_digest[:bitstream.DIGEST_BYTES]:
             raise BitstreamError(
                 f"stream was written with other weights (digest {header.weights_digest.hex()}); "
-                f"{self.name!r} has digest {self.weights_digest.hex()}")
+                f"{self.name!r} has digest {self.weights_digest[:bitstream.DIGEST_BYTES].hex()}")
         return header
 
     def unpack(self, data: bytes, n_chunks: int | None = None) -> tuple[Header, list[bytes]]:
@@ -78,20 +80,16 @@ class Codec(ABC):
         return bitstream.pack(self.family, self.weights_digest, height, width, chunks, params)
 
     @contextlib.contextmanager
-    def pinned_numerics(self) -> Iterator[None]:
-        """Make float results independent of the thread count, so decoders agree with encoders.
+    def float_numerics(self) -> Iterator[None]:
+        """Inference mode, and on a GPU full float32 matmuls (no TF32) for the float decoders.
 
-        Entropy-coding tables are chosen from network outputs: encoder and decoder must
-        compute them bit-identically. On CPU, BLAS splits some reductions by thread count
-        (measured: a batch-1 attention matmul differs between 1, 2 and 4 threads), so the
-        networks run single-threaded; throughput comes from running one codec per core.
-        Every global setting changed here is restored on exit, also after an exception.
+        Nothing that decides a coding table runs in floats (see model.exact); the float
+        decoders' pixels then stay within a level or two of a CPU's. Every global setting
+        changed here is restored on exit, also after an exception.
         """
         saved = _numerics_settings()
         try:
-            if self.device.type == "cpu":
-                torch.set_num_threads(1)
-            else:  # same kernels on every call; TF32 would make GPU and CPU disagree more
+            if self.device.type != "cpu":
                 _set_numerics_settings(saved.threads, deterministic=True, benchmark=False,
                                        matmul_tf32=False, cudnn_tf32=False)
             with torch.inference_mode():

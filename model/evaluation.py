@@ -1,7 +1,7 @@
 """Measuring a learned codec on images: real stream sizes, PSNR, MS-SSIM, timings.
 
     images = load_images("photos/dev/*.png")
-    rows = evaluate_codec(load_codec("cdc-small-b0040"), images, steps=4)
+    rows = evaluate_codec(load_codec("cdc-hp128:q3"), images, steps=4)
     summarize(rows)           # mean bpp, psnr, msssim, encode_s, decode_s
 
 Comparisons with JPEG, WebP, AVIF and HEVC-intra are in model.classical.

@@ -104,8 +104,9 @@ def resolve(name_or_path: str | Path) -> Path:
             return path
     hint = ""
     if str(name_or_path).startswith("uqdm"):
-        hint = (" The UQDM weights are the authors' checkpoint: import it once with "
-                "`python -m jobs.import_uqdm PATH/TO/uqdm-tiny` (a folder with config.json and checkpoint.pt).")
+        hint = (" The UQDM weights are the authors' checkpoint (github.com/mandt-lab/uqdm, checkpoints/uqdm-tiny): "
+                "import it once with `python -m jobs.import_uqdm PATH/TO/uqdm-tiny` (a folder with config.json "
+                "and checkpoint.pt).")
     raise FileNotFoundError(
         f"unknown codec weights {str(name_or_path)!r}; looked in {', '.join(map(str, searched))}. "
         f"Available: {', '.join(available()) or 'none'}.{hint}")
@@ -122,9 +123,27 @@ def available() -> list[str]:
 
 
 def load_codec(name_or_path: str | Path, device: str | torch.device | None = None) -> Codec:
-    """Load a codec by registry name ("uqdm-tiny", "cdc-small-b0040", ...) or weights path."""
-    weights = read_weights(resolve(name_or_path))
-    return codec_class(weights.codec)(weights, device=device)
+    """Load a codec by registry name or weights path, optionally with a variant after a colon.
+
+    "uqdm-tiny-exact"; "cdc-hp128" (its default rate point) or "cdc-hp128:q2" (a named one).
+    """
+    path, variant = split_variant(name_or_path)
+    weights = read_weights(resolve(path))
+    cls = codec_class(weights.codec)
+    if variant is None:
+        return cls(weights, device=device)
+    if not cls.has_variants:
+        raise ValueError(f"{weights.name!r} ({weights.codec}) has no variants; drop ':{variant}'")
+    return cls(weights, device=device, variant=variant)
+
+
+def split_variant(name_or_path: str | Path) -> tuple[str | Path, str | None]:
+    """"cdc-hp128:q2" -> ("cdc-hp128", "q2"); names without a colon, and existing paths, have none."""
+    text = str(name_or_path)
+    if ":" not in text or Path(text).exists() or "/" in text.rsplit(":", 1)[1]:
+        return name_or_path, None
+    name, variant = text.rsplit(":", 1)
+    return name, variant
 
 
 #: Codec family (as written in weights files and streams) -> "module:class" of its Codec.

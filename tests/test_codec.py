@@ -1,4 +1,4 @@
-"""The Codec base class: pinned numerics leave the process's settings as they found them."""
+"""The Codec base class: float numerics leave the process's settings as they found them."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def settings() -> tuple:
 
 @pytest.fixture
 def unusual_settings():
-    """Settings a user may have chosen, unlike what pinned_numerics sets; the originals come back after."""
+    """Settings a user may have chosen, unlike what float_numerics sets; the originals come back after."""
     original = settings()
     torch.set_num_threads(3)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
@@ -38,17 +38,17 @@ def unusual_settings():
 
 
 # A "cuda" codec only changes flags here (nothing runs), so the GPU branch is testable on a CPU.
-@pytest.mark.parametrize("device,inside", [("cpu", (1, False, True, True, True)),
+@pytest.mark.parametrize("device,inside", [("cpu", (3, False, True, True, True)),
                                            ("cuda", (3, True, False, False, False))])
-def test_pinned_numerics_restores_every_setting_it_changes(unusual_settings, device, inside):
+def test_float_numerics_restores_every_setting_it_changes(unusual_settings, device, inside):
     codec = NullCodec(Weights("null", "null", {}, {}), device=device)
     assert unusual_settings == (3, False, True, True, True)
-    with codec.pinned_numerics():
+    with codec.float_numerics():
         assert settings() == inside
         assert torch.is_inference_mode_enabled()
     assert settings() == unusual_settings
     with pytest.raises(RuntimeError, match="boom"):
-        with codec.pinned_numerics():
+        with codec.float_numerics():
             assert settings() == inside
             raise RuntimeError("boom")
     assert settings() == unusual_settings

@@ -1,136 +1,234 @@
-"""The CDC codec: hyperprior latents written with rANS, decoded by a conditional diffusion UNet.
+"""The CDC codec: exact hyperprior symbols, then a 0-step mean image or a diffusion decode.
 
-Stream layout (inside the model.bitstream container): chunk 0 is the rANS string of the
-hyper-latent z, chunk 1 that of the latent y. The image is padded (edge replication) to a
-multiple of 64, so the latent shapes follow from the header's image size; `params` is empty.
+Stream (inside the model.bitstream container), params = the rate point (1 byte):
+    chunk 0   CRC32 of the z symbols, then z coded with one integer table per channel
+    chunk 1   CRC32 of the y symbols, then y coded with one integer table per scale level
+The image is edge-padded to a multiple of 64, so every shape follows from the header.
 
-    codec = load_codec("cdc-small-b0040")
+Everything that decides a symbol is exact (`exact_parts`): a stream decodes to the same
+symbols on every machine, and a CRC of the decoded symbols turns any damage into a
+BitstreamError. The pixels come from float networks (the content decoder and, for
+steps > 0, the denoising UNet): on other CPU kernels or a GPU they may differ by a level
+or two (bounded by the tests), never more.
+
+    codec = load_codec("cdc-hp128")                 # rate point from the weights' default
+    codec = load_codec("cdc-hp128:q3")              # or a named rate point
     data = codec.compress(img)
-    img2 = codec.decompress(data, steps=4)                      # deterministic DDIM
-    img3 = codec.decompress(data, stochastic=True, seed=7)      # DDIM with eta = 1
+    img0 = codec.decompress(data)                   # steps=0: the content path's mean image (fastest, best PSNR)
+    img4 = codec.decompress(data, steps=4)          # 4 DDIM steps: synthesized texture (deterministic, seed 0)
+    img5 = codec.decompress(data, steps=4, stochastic=True, seed=None)
 """
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..bitstream import BitstreamError
+from .. import entropy, exact
+from ..bitstream import BitstreamError, Header, read_varint, varint
 from ..codec import Codec
 from ..images import as_rgb8
 from ..registry import Weights
+from .exact_parts import ExactHyperDecoder
 from .config import CDCConfig
-from .model import STRIDE, CDCModel, EncodedLatents
+from .model import STRIDE, CDCModel
+
+#: parameters only training needs (the stream's tables come from their exact integer export)
+TRAINING_ONLY = ("h_s.", "z_density.")
 
 MAX_STEPS = 1000
 DEFAULT_SEED = 0
+_CRC = struct.Struct(">I")
+_PARAMS = struct.Struct(">B")  # rate point
 
 
 class CDCCodec(Codec):
     family = "cdc"
 
-    def __init__(self, weights: Weights, device: str | torch.device | None = None):
+    has_variants = True  # the rate points: load_codec("cdc-hp128:q2")
+
+    def __init__(self, weights: Weights, device: str | torch.device | None = None, variant: str | None = None):
         super().__init__(weights, device)
-        self.model = CDCModel(CDCConfig.from_dict(weights.config))
-        # Weights may be stored in half precision to keep files small; networks run in float32.
-        self.model.load_weight_tensors({k: v.float() for k, v in weights.tensors.items()})
+        self.config = CDCConfig.from_dict(weights.config["model"])
+        self.rate_names = list(weights.config["rates"])
+        self.rate = self._rate_index(weights.config["default_rate"] if variant is None else variant)
+        self.model = CDCModel(self.config)
+        floats = {k: v.float() for k, v in weights.tensors.items() if not k.startswith("exact.")}
+        needed = {n for n, _ in self.model.named_parameters() if not n.startswith(TRAINING_ONLY)}
+        if needed - floats.keys():
+            raise ValueError(f"weights {weights.name!r} lack CDC parameters {sorted(needed - floats.keys())[:5]}")
+        self.model.load_state_dict(floats, strict=False)
         self.model.eval().to(self.device)
-        with self.pinned_numerics():
-            self.model.build_entropy_tables()
-        self.default_steps = int(self.model.config.default_steps)
+        exact_tensors = {k[len("exact."):]: v for k, v in weights.tensors.items() if k.startswith("exact.")}
+        self.hyper = ExactHyperDecoder(exact_tensors, self.config.scale_levels, self.device)
+        self.default_steps = self.config.default_steps
+
+    @property
+    def name(self) -> str:
+        return f"{self.weights.name}:{self.rate_names[self.rate]}"
+
+    def _rate_index(self, rate: str) -> int:
+        if rate not in self.rate_names:
+            raise ValueError(f"unknown rate point {rate!r}; {self.weights.name} has {', '.join(self.rate_names)}")
+        return self.rate_names.index(rate)
 
     # ----- encoding ------------------------------------------------------------------------
     def compress_batch(self, imgs: Sequence[np.ndarray]) -> list[bytes]:
-        return [self.pack(img.shape[0], img.shape[1], [latents.z_string, latents.y_string])
-                for img, latents in zip(map(as_rgb8, imgs), self.encode_latents(imgs))]
-
-    def encode_latents(self, imgs: Sequence[np.ndarray]) -> list[EncodedLatents]:
-        """Quantized latents and their rANS strings for each image (exposed for tests and rate studies)."""
         out = []
-        with self.pinned_numerics():
+        with self.float_numerics():
             for img in map(as_rgb8, imgs):
-                y = self.model.analysis(self._to_padded_tensor(img))
-                out.append(self.model.encode_latents(y))
+                z, k = self.encode_symbols(img)
+                levels, _ = self.hyper(z)
+                z_chunk = _symbols_chunk(z, _channel_groups(z), self.hyper.z_tables)
+                y_chunk = _symbols_chunk(k, levels, self.hyper.y_tables)
+                shortfall = _minimum_payload(*img.shape[:2]) - len(z_chunk) - len(y_chunk)
+                if shortfall > 0:
+                    y_chunk = _symbols_chunk(k, levels, self.hyper.y_tables, padding=shortfall)
+                chunks = [z_chunk, y_chunk]
+                out.append(self.pack(img.shape[0], img.shape[1], chunks, _PARAMS.pack(self.rate)))
         return out
 
-    def estimated_bits(self, img: np.ndarray) -> float:
-        """The entropy model's -log2 likelihood of the image's quantized latents."""
-        return self.encode_latents([img])[0].estimated_bits
+    def encode_symbols(self, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The integer (z, y) symbols a stream of `img` carries, already within the tables' range."""
+        rate = torch.tensor([self.rate], device=self.device)
+        y = self.model.g_a(self._to_padded_tensor(as_rgb8(img))).double() * self.model.gains(rate)[0].double()
+        z = torch.round(self.model.h_a(y.float()).double())
+        z = torch.maximum(torch.minimum(z, self._z_limit(z)), -self._z_limit(z))
+        levels, means = self.hyper(z)
+        k = torch.round(y - means)
+        limit = self.hyper.y_widths.to(self.device)[levels].to(k.dtype)
+        return z.long(), torch.maximum(torch.minimum(k, limit), -limit).long()
+
+    def _z_limit(self, z: torch.Tensor) -> torch.Tensor:
+        return self.hyper.z_widths.to(z.device, z.dtype)[None, :, None, None].expand_as(z)
 
     # ----- decoding ------------------------------------------------------------------------
-    def decompress_batch(self, datas: Sequence[bytes], steps: int | None = None,
-                         stochastic: bool = False, seed: int | None = DEFAULT_SEED) -> list[np.ndarray]:
-        """Decode streams with `steps` DDIM steps (default: the config's).
+    def decompress_batch(self, datas: Sequence[bytes], steps: int | None = None, stochastic: bool = False,
+                         seed: int | None = DEFAULT_SEED) -> list[np.ndarray]:
+        """Decode streams: `steps` = 0 gives the mean image; > 0, that many DDIM steps.
 
         Deterministic decoding (eta = 0) starts from noise drawn with `seed`; `stochastic=True`
-        uses eta = 1, drawing fresh noise at every step from the same generator: the texture
-        changes with the seed, and `seed=None` draws a new one each call.
-        Streams are decoded one at a time, so a stream's pixels never depend on which other
-        streams share its batch (batched convolutions may round differently).
+        uses eta = 1 with fresh noise at every step: the texture changes with the seed, and
+        `seed=None` draws a new one each call. Noise comes from an integer generator, the
+        same on every machine.
         """
         steps = self.default_steps if steps is None else steps
-        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+        if not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be an integer in 0..{MAX_STEPS}, got {steps!r}")
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (1 << 32))
         images = []
-        with self.pinned_numerics():
+        with self.float_numerics():
             for data in datas:
-                height, width, y_hat = self._decode_latents(data)
-                generator = torch.Generator()
-                if seed is None:
-                    generator.seed()
-                else:
-                    generator.manual_seed(seed)
-                noise = torch.randn((1, 3, *self._padded(height, width)), generator=generator)
-                context = self.model.conditioning(y_hat)
-                x0 = self.model.sample(context, noise.to(self.device), steps,
-                                       eta=1.0 if stochastic else 0.0, generator=generator)
-                images.append(self._to_uint8(x0[0, :, :height, :width]))
+                header, rate, y_hat = self._decode_latents(data)
+                x_mean, features = self.model.decode_content(y_hat.float(), torch.tensor([rate], device=self.device))
+                x = x_mean if steps == 0 else self._sample(x_mean, features, steps, stochastic, seed)
+                images.append(_to_uint8(x[0, :, :header.height, :header.width]))
         return images
 
     def decode_symbols(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (z, y) integer symbols stored in a stream, read back through rANS."""
-        header, chunks = self._checked_chunks(data)
-        with self.pinned_numerics():
-            z_symbols, y_symbols, _ = self._entropy_decode(header.height, header.width, chunks)
-        return z_symbols, y_symbols
+        """The (z, y) integer symbols stored in a stream."""
+        header, chunks, _ = self._checked(data)
+        with torch.inference_mode():
+            z, k, _ = self._entropy_decode(header, chunks)
+        return z, k
 
-    def _decode_latents(self, data: bytes) -> tuple[int, int, torch.Tensor]:
-        header, chunks = self._checked_chunks(data)
-        _, _, y_hat = self._entropy_decode(header.height, header.width, chunks)
-        return header.height, header.width, y_hat
+    def _decode_latents(self, data: bytes) -> tuple[Header, int, torch.Tensor]:
+        header, chunks, rate = self._checked(data)
+        z, k, means = self._entropy_decode(header, chunks)
+        return header, rate, k.double() + means
 
-    def _checked_chunks(self, data: bytes):
+    def _checked(self, data: bytes) -> tuple[Header, list[bytes], int]:
         header, chunks = self.unpack(data)
-        if len(chunks) != 2 or header.params:
-            raise BitstreamError(f"a CDC stream has 2 chunks and no params; this one has "
-                                 f"{len(chunks)} chunks and {len(header.params)} param bytes")
-        return header, chunks
+        if len(chunks) != 2 or len(header.params) != _PARAMS.size:
+            raise BitstreamError(f"a CDC stream has 2 chunks and {_PARAMS.size} parameter byte; this one has "
+                                 f"{len(chunks)} chunks and {len(header.params)} parameter bytes")
+        (rate,) = _PARAMS.unpack(header.params)
+        if rate >= len(self.rate_names):
+            raise BitstreamError(f"corrupt CDC parameters (rate point {rate})")
+        _check_work(header, chunks)
+        return header, chunks, rate
 
-    def _entropy_decode(self, height: int, width: int, chunks: list[bytes]):
-        ph, pw = self._padded(height, width)
-        z_shape = (1, self.model.config.hyper_channels, ph // STRIDE, pw // STRIDE)
-        try:
-            return self.model.decode_latents(chunks[0], chunks[1], z_shape)
-        except (RuntimeError, ValueError, IndexError, OverflowError) as exc:
-            # compressai signals malformed strings with assorted exception types.
-            raise BitstreamError(f"cannot entropy-decode the CDC latents: {exc}") from exc
+    def _entropy_decode(self, header: Header, chunks: list[bytes]):
+        ph, pw = _padded(header.height, header.width)
+        z_shape = (1, self.config.n, ph // STRIDE, pw // STRIDE)
+        z = _decode_chunk(chunks[0], _channel_groups(torch.zeros(z_shape)), self.hyper.z_tables, "z").reshape(z_shape)
+        z = torch.from_numpy(z).to(self.device)
+        levels, means = self.hyper(z)
+        k = _decode_chunk(chunks[1], levels, self.hyper.y_tables, "y").reshape(levels.shape)
+        return z, torch.from_numpy(k).to(self.device), means
+
+    def _sample(self, x_mean, features, steps: int, stochastic: bool, seed: int) -> torch.Tensor:
+        shape = x_mean.shape
+        draws = iter(range(1, 1 << 20))
+
+        def noise(size) -> torch.Tensor:
+            values = exact.normal_noise(seed, next(draws), int(np.prod(size))) * exact.NOISE_SCALE
+            return torch.from_numpy(values.astype(np.float32)).reshape(size).to(self.device)
+
+        return self.model.sample(x_mean, features, noise(shape), steps, eta=1.0 if stochastic else 0.0,
+                                 fresh_noise=noise)
 
     # ----- pixels <-> tensors ----------------------------------------------------------------
-    @staticmethod
-    def _padded(height: int, width: int) -> tuple[int, int]:
-        return -(-height // STRIDE) * STRIDE, -(-width // STRIDE) * STRIDE
-
     def _to_padded_tensor(self, img: np.ndarray) -> torch.Tensor:
         height, width = img.shape[:2]
         x = torch.tensor(img).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-        ph, pw = self._padded(height, width)
+        ph, pw = _padded(height, width)
         # Edge replication: unlike reflection it works for 1-pixel images and adds no texture.
         return F.pad(x, (0, pw - width, 0, ph - height), mode="replicate").to(self.device)
 
-    @staticmethod
-    def _to_uint8(x: torch.Tensor) -> np.ndarray:
-        pixels = ((x.float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())
+
+def _padded(height: int, width: int) -> tuple[int, int]:
+    return -(-height // STRIDE) * STRIDE, -(-width // STRIDE) * STRIDE
+
+
+def _channel_groups(z: torch.Tensor) -> torch.Tensor:
+    return torch.arange(z.shape[1]).reshape(1, -1, 1, 1).expand(z.shape)
+
+
+def _symbols_chunk(symbols: torch.Tensor, groups: torch.Tensor, tables, padding: int = 0) -> bytes:
+    """CRC32 of the symbols, the coder's length (varint), the coded symbols, then `padding` zero bytes."""
+    values = symbols.cpu().numpy().ravel()
+    coded = entropy.encode_grouped(values, groups.cpu().numpy().ravel(), tables)
+    return _CRC.pack(zlib.crc32(values.astype("<i4").tobytes())) + varint(len(coded)) + coded + bytes(padding)
+
+
+def _decode_chunk(chunk: bytes, groups: torch.Tensor, tables, what: str) -> np.ndarray:
+    if len(chunk) < _CRC.size + 1:
+        raise BitstreamError(f"CDC {what} chunk too short")
+    length, start = read_varint(chunk, _CRC.size)
+    if start + length > len(chunk) or any(chunk[start + length:]):
+        raise BitstreamError(f"CDC {what} chunk is corrupt (its coded length does not fit)")
+    values = entropy.decode_grouped(chunk[start:start + length], groups.cpu().numpy().ravel(), tables)
+    if zlib.crc32(values.astype("<i4").tobytes()) != _CRC.unpack_from(chunk)[0]:
+        raise BitstreamError(f"the {what} symbols decoded to other values than were encoded: the stream is corrupt")
+    return values
+
+
+def _minimum_payload(height: int, width: int) -> int:
+    """Bytes a CDC stream carries at least: one per 2^16 (padded) pixels.
+
+    A flat image can code in almost no bits, so a hostile header could claim a huge image
+    over a few bytes and make the decoder allocate gigabytes. Encoders pad up to this
+    (6 bytes for a 768x512 photo, nothing for any real one), and decoders refuse less
+    before allocating anything.
+    """
+    ph, pw = _padded(height, width)
+    return -(-ph * pw // (1 << 16))
+
+
+def _check_work(header: Header, chunks: list[bytes]) -> None:
+    carried, needed = sum(len(c) for c in chunks), _minimum_payload(header.height, header.width)
+    if carried < needed:
+        raise BitstreamError(f"header claims {header.height}x{header.width} pixels, more than its {carried} "
+                             f"payload bytes can describe (at least {needed}): corrupt or hostile")
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    pixels = ((x.float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())

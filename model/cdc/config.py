@@ -1,12 +1,13 @@
-"""Typed configs for CDC: the network sizes (CDCConfig, stored in every weights file) and
-the training run (TrainConfig). Both are frozen and refuse keys they do not know, so a
-typo fails loudly instead of slipping into a weights file's config and digest.
+"""Typed configs for CDC: the network (CDCConfig, stored in every weights file) and a training
+run (TrainConfig). Both are frozen and refuse keys they do not know, so a typo fails loudly
+instead of slipping into a weights file's config and digest.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields, replace
+import math
+from dataclasses import dataclass, fields
 
 from ..paths import TRAIN_PHOTOS
 
@@ -18,65 +19,84 @@ def _check_keys(cls: type, given: dict) -> None:
         raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
 
 
+def _tuples(values: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
 @dataclass(frozen=True)
 class CDCConfig:
-    """Network sizes. The dict form (`to_dict`) is what a weights file stores and digests."""
+    """Network sizes and rate points. The dict form (`to_dict`) is what a weights file stores and digests."""
 
-    preset: str
-    encoder_widths: tuple[int, ...]
-    latent_channels: int
-    hyper_channels: int
-    context_widths: tuple[int, ...]
-    unet_widths: tuple[int, ...]
-    attention: bool
-    default_steps: int   # DDIM steps when a decoder does not say
+    preset: str = "hp128"
+    n: int = 128                          # channels of the content transforms and of z
+    m: int = 192                          # channels of the latent y
+    unet_widths: tuple[int, ...] = (32, 64, 96, 128)
+    # One network, several rates: MSE weights of the rate points, as compressai's zoo uses
+    # them (loss = lambda * 255^2 * MSE + bpp), each with its own gain vectors on y.
+    lambdas: tuple[float, ...] = (0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483)
+    scale_min: float = 0.11               # the y scale table: scale_levels entries, log-spaced
+    scale_max: float = 64.0
+    scale_levels: int = 64
+    default_steps: int = 0                # 0: the content path's mean image; > 0: DDIM steps
 
     @classmethod
     def from_dict(cls, config: dict) -> CDCConfig:
-        """A preset ("small" unless `config["preset"]` names another) with `config`'s values on top."""
+        """A preset (`config["preset"]`, default "hp128") with `config`'s values on top."""
         _check_keys(cls, config)
-        preset = config.get("preset", "small")
+        preset = config.get("preset", "hp128")
         if preset not in PRESETS:
             raise ValueError(f"unknown CDC preset {preset!r}; known presets: {sorted(PRESETS)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-        return replace(PRESETS[preset], **values)
+        return dataclasses.replace(PRESETS[preset], **_tuples(config))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    @property
+    def rate_names(self) -> list[str]:
+        return [f"q{i + 1}" for i in range(len(self.lambdas))]
 
-#: "small" trains on one CPU core; "paper" follows the authors' widths.
+    @property
+    def scale_step(self) -> float:
+        return math.log(self.scale_max / self.scale_min) / (self.scale_levels - 1)
+
+
+#: "hp128" trains on a CPU in hours and on one GPU in minutes; "paper" has the paper's widths.
 PRESETS: dict[str, CDCConfig] = {
-    "small": CDCConfig(preset="small", encoder_widths=(16, 32, 48, 64), latent_channels=64, hyper_channels=32,
-                       context_widths=(16, 32, 32, 64), unet_widths=(16, 32, 32, 64),
-                       attention=False, default_steps=4),
-    "paper": CDCConfig(preset="paper", encoder_widths=(64, 128, 192, 256), latent_channels=256,
-                       hyper_channels=256, context_widths=(64, 128, 192, 256),
-                       unet_widths=(64, 128, 192, 256, 320, 384), attention=True, default_steps=16),
+    "hp128": CDCConfig(),
+    "paper": CDCConfig(preset="paper", n=192, m=320, unet_widths=(64, 128, 192, 256)),
 }
+
+STAGES = ("content", "diffusion", "joint")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run (model.cdc.train.train). jobs.train takes its flags' defaults from here."""
+    """One training stage (model.cdc.train.train). jobs.train takes its flags' defaults from here.
+
+    Stages: `content` trains the content path on rate + MSE at every rate point at once;
+    `diffusion` the denoising UNet on the frozen content path; `joint` everything.
+    """
 
     name: str                      # registry name of the exported weights
-    beta: float                    # rate weight: loss = beta * bpp + ...
-    steps: int                     # total optimizer steps (a resumed run continues to it)
-    model: CDCConfig = PRESETS["small"]
-    rho: float = 0.0               # weight of the 1 - MS-SSIM term
-    max_minutes: float = 1e9       # stop (and checkpoint) after this long
-    batch_size: int = 4
-    crop: int = 128
-    lr: float = 4e-4
-    aux_lr: float = 1e-2           # learning rate of the z-density quantiles
-    init_from: str | None = None   # weights file to fine-tune from
+    run_dir: str                   # checkpoints go to <run_dir>/checkpoint
+    stage: str = "content"
+    model: CDCConfig = PRESETS["hp128"]
+    steps: int = 20000             # total optimizer steps of this stage (a resumed run continues to it)
+    minutes: float | None = None   # instead of `steps`: as many as fit in this many minutes
+    batch_size: int = 8
+    crop: int = 256
+    lr: float = 1e-4
+    warmup: int = 500
+    decay_from: float = 0.85       # cosine decay to lr/10 over the steps after this fraction
+    diffusion_weight: float = 1.0  # joint stage: weight of the diffusion loss
+    init_from: str | None = None   # a checkpoint folder to start this stage from
     data: str = str(TRAIN_PHOTOS)  # folder of training photos
-    run_dir: str | None = None     # checkpoints go to <run_dir>/checkpoint; None: no checkpoints
+    scales: tuple[float, ...] = (1.0, 0.6)  # each photo is sampled at these scales
     export: str | None = None      # weights file to write (None: model/weights/<name>.safetensors)
     provenance: str = ""           # the command that made the weights
     seed: int = 0
-    threads: int = 1               # torch threads per worker
+    threads: int = 2               # torch threads per worker
+    bf16: bool = True              # autocast convolutions to bfloat16 (fp32 master weights)
     log_every: int = 50
     checkpoint_every: int = 250
     # Where this copy of the loop runs (set per Ray Train worker).
@@ -84,11 +104,15 @@ class TrainConfig:
     world_size: int = 1
     device: str = "cpu"
 
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+
     @classmethod
     def from_dict(cls, config: dict) -> TrainConfig:
         _check_keys(cls, config)
-        model = config.get("model", PRESETS["small"])
-        return cls(**{**config, "model": model if isinstance(model, CDCConfig) else CDCConfig.from_dict(model)})
+        model = config.get("model", PRESETS["hp128"])
+        return cls(**{**_tuples(config), "model": model if isinstance(model, CDCConfig) else CDCConfig.from_dict(model)})
 
     def to_dict(self) -> dict:
         return {**{f.name: getattr(self, f.name) for f in fields(self)}, "model": self.model.to_dict()}

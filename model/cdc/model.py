@@ -1,184 +1,149 @@
-"""CDC maths: hyperprior entropy model with real rANS coding, X-parameterized diffusion, DDIM.
+"""CDC maths: a variable-rate mean-scale hyperprior content path and a conditional diffusion decoder.
 
-Yang & Mandt, "Lossy Image Compression with Conditional Diffusion Models" (NeurIPS 2023).
-Images live in [-1, 1]. The diffusion time is continuous, t in [0, 1], with the cosine
-schedule alpha_bar(t); the UNet predicts x0 directly, so a handful of DDIM steps suffice.
+Yang & Mandt, "Lossy Image Compression with Conditional Diffusion Models" (NeurIPS 2023),
+with the content path shaped like Minnen et al.'s mean-scale hyperprior (2018) and one
+network serving every rate through per-rate gain vectors on the latent (Cui et al.,
+"Asymmetric Gained Deep Image Compression", 2021).
+
+Images live in [-1, 1]. Rate r scales the latent, y' = y * g_enc[r]; the symbols are
+k = round(y' - mean); the decoder sees (k + mean) * g_dec[r]. Each y element's Gaussian
+scale is a position on a log-spaced table (`scale_position`): the exact integer
+hyper-synthesis outputs that position and rounds it to a table entry.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
-from pytorch_msssim import ms_ssim
+from compressai.entropy_models import EntropyBottleneck
 from torch import nn
 
 from .config import CDCConfig
-from .nets import (AnalysisTransform, ConditionalUNet, ConditioningDecoder, HyperAnalysis,
-                       HyperSynthesis)
+from .nets import ContentDecoder, ContentEncoder, DenoisingUNet, HyperDecoder, HyperEncoder
 
 #: The image side must be a multiple of this: y is at 1/16, z at 1/64.
 STRIDE = 64
-# Scales of the Gaussian rANS tables; a scale is rounded up to the next entry. compressai's
-# usual 64 entries (13% apart) cost ~3% over the likelihood-based rate; 256 cost ~0.5%.
-SCALES = torch.exp(torch.linspace(math.log(0.11), math.log(256.0), 256))
 _COSINE_OFFSET = 0.008
-# pytorch_msssim downsamples 4 times whatever the number of scales: 7 px windows need > 96 px.
-MIN_MSSSIM_SIDE = 96
+_LIKELIHOOD_BOUND = 1e-9
 
 
 def alpha_bar(t: torch.Tensor) -> torch.Tensor:
-    """Cosine schedule: signal fraction of x_t at time t (1 at t=0, 0 at t=1)."""
+    """Cosine schedule: signal fraction of x_t at time t (1 at t=0, 0 at t=1), float64."""
     f = torch.cos((t.double() + _COSINE_OFFSET) / (1 + _COSINE_OFFSET) * math.pi / 2) ** 2
     f0 = math.cos(_COSINE_OFFSET / (1 + _COSINE_OFFSET) * math.pi / 2) ** 2
-    return (f / f0).clamp(0.0, 1.0).float()
+    return (f / f0).clamp(0.0, 1.0)
 
 
-@dataclass
-class EncodedLatents:
-    z_symbols: torch.Tensor  # integer-valued, (1, Ch, H/64, W/64)
-    y_symbols: torch.Tensor  # integer-valued, (1, Cy, H/16, W/16)
-    z_string: bytes
-    y_string: bytes
-    estimated_bits: float  # -log2 likelihood of the quantized latents
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def gaussian_likelihood(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """P(integer bin around v) under N(0, scale), computed on the side where it does not cancel."""
+    v = v.abs()
+    upper = torch.special.ndtr((0.5 - v) / scale)
+    lower = torch.special.ndtr((-0.5 - v) / scale)
+    return (upper - lower).clamp_min(_LIKELIHOOD_BOUND)
 
 
 class CDCModel(nn.Module):
     def __init__(self, config: CDCConfig):
         super().__init__()
         self.config = config
-        cy, ch = config.latent_channels, config.hyper_channels
-        self.analysis = AnalysisTransform(config.encoder_widths, cy)
-        self.hyper_analysis = HyperAnalysis(cy, ch)
-        self.hyper_synthesis = HyperSynthesis(cy, ch)
-        self.entropy_bottleneck = EntropyBottleneck(ch)
-        self.gaussian_conditional = GaussianConditional(None)
-        self.conditioning = ConditioningDecoder(cy, config.context_widths)
-        self.unet = ConditionalUNet(config.unet_widths, config.context_widths, config.attention)
+        n, m, rates = config.n, config.m, len(config.lambdas)
+        self.g_a, self.g_s = ContentEncoder(n, m), ContentDecoder(n, m)
+        self.h_a, self.h_s = HyperEncoder(n, m), HyperDecoder(n, m)
+        self.z_density = EntropyBottleneck(n)
+        # log-gains: positive gains, one vector per rate point (1 at initialization)
+        self.log_gain_enc = nn.Parameter(torch.zeros(rates, m))
+        self.log_gain_dec = nn.Parameter(torch.zeros(rates, m))
+        self.unet = DenoisingUNet(list(config.unet_widths), [3, n, n, n])
 
-    # ----- weights -------------------------------------------------------------------------
-    def weight_tensors(self) -> dict[str, torch.Tensor]:
-        """The learned parameters. Buffers are left out: compressai's are either constants of
-        the code (likelihood bounds, aux targets) or tables derived from the parameters."""
-        return {name: p.detach() for name, p in self.named_parameters()}
+    # ----- pieces shared by training and the codec ---------------------------------------
+    def gains(self, rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.log_gain_enc[rate].exp()[:, :, None, None], self.log_gain_dec[rate].exp()[:, :, None, None])
 
-    def load_weight_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = dict(self.named_parameters())
-        missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
-        if missing or unexpected:
-            raise ValueError(f"weights do not fit the CDC config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                params[name].copy_(tensor)
+    def scale_of(self, position: torch.Tensor) -> torch.Tensor:
+        """Gaussian scale at a (continuous) position on the log-spaced scale table."""
+        cfg = self.config
+        return torch.exp(math.log(cfg.scale_min) + cfg.scale_step * position.clamp(0, cfg.scale_levels - 1))
 
-    def build_entropy_tables(self) -> None:
-        """Quantized CDFs for rANS; must run after the weights are final.
+    def z_likelihood(self, z: torch.Tensor) -> torch.Tensor:
+        values = z.permute(1, 0, 2, 3).reshape(z.shape[1], 1, -1)
+        likelihood, _, _ = self.z_density._likelihood(values)
+        likelihood = likelihood.clamp_min(_LIKELIHOOD_BOUND).reshape(z.shape[1], z.shape[0], *z.shape[2:])
+        return likelihood.permute(1, 0, 2, 3)
 
-        The z-density's quantiles (its median and 1e-9 tails) are found by bisection here
-        rather than trusted from the aux loss, which converges far slower than training.
-        """
-        self.entropy_bottleneck.update(force=True, update_quantiles=True)
-        self.gaussian_conditional.update_scale_table(SCALES, force=True)
+    def decode_content(self, y_hat: torch.Tensor, rate: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.g_s(y_hat * self.gains(rate)[1])
 
-    # ----- training ------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, beta: float, rho: float) -> dict[str, torch.Tensor]:
-        """Training losses: beta * bpp + (1 - rho) * diffusion MSE + rho * (1 - MS-SSIM of the x0 prediction).
+    # ----- training ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, rate: torch.Tensor, stage: str, diffusion_weight: float = 1.0
+                ) -> dict[str, torch.Tensor]:
+        """The training losses of one stage (see model.cdc.config.TrainConfig); DDP calls this."""
+        if stage == "diffusion":
+            with torch.no_grad():
+                content = self.content_losses(x, rate)
+            loss = self.diffusion_loss(x, content["x_mean"].float(), [f.detach() for f in content["features"]])
+            return {"loss": loss, "bpp": content["bpp"].mean(), "mse01": content["mse01"].mean(),
+                    "diffusion_mse": loss.detach()}
+        content = self.content_losses(x, rate)
+        out = {"loss": content["loss"], "bpp": content["bpp"].mean(), "mse01": content["mse01"].mean()}
+        if stage == "joint":
+            diffusion = self.diffusion_loss(x, content["x_mean"].float(), content["features"])
+            out["diffusion_mse"] = diffusion.detach()
+            # in the content loss's units: lambda * 255^2 * MSE on [0, 1] images, at the lowest rate's lambda
+            out["loss"] = out["loss"] + diffusion_weight * min(self.config.lambdas) * 255.0 ** 2 / 4 * diffusion
+        return out
 
-        `aux` trains only the z-density's quantiles (compressai stops its gradient elsewhere).
-        """
+    def content_losses(self, x: torch.Tensor, rate: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stage 1: per-sample lambda * 255^2 * MSE(mean image) + bpp, noise for the rate, STE for the decoder."""
         b, _, h, w = x.shape
-        y = self.analysis(x)
-        z_tilde, z_likelihoods = self.entropy_bottleneck(self.hyper_analysis(y))
-        scales, means = self.hyper_synthesis(z_tilde)
-        _, y_likelihoods = self.gaussian_conditional(y, scales, means)
-        bits = -(torch.log2(z_likelihoods).sum() + torch.log2(y_likelihoods).sum())
-        bpp = bits / (b * h * w)
-        # The decoder sees rounded latents (straight-through), as it will at test time.
-        y_hat = means + (y - means + (torch.round(y - means) - (y - means)).detach())
-        context = self.conditioning(y_hat)
-        # t ~ density 2t (not uniform as in the paper): noisy inputs force the UNet to read
-        # the conditioning, which is what few-step decoding relies on and what a short
-        # CPU training otherwise learns last.
-        t = torch.rand(b, device=x.device).sqrt()
-        a = alpha_bar(t)[:, None, None, None]
+        gain_enc, _ = self.gains(rate)
+        y = self.g_a(x).float() * gain_enc
+        z = self.h_a(y).float()
+        with torch.autocast(x.device.type, enabled=False):
+            z_bits = -torch.log2(self.z_likelihood(z + torch.empty_like(z).uniform_(-0.5, 0.5)))
+            position, mean = self.h_s(ste_round(z))
+            scale = self.scale_of(position.float())
+            noisy = y + torch.empty_like(y).uniform_(-0.5, 0.5)
+            y_bits = -torch.log2(gaussian_likelihood(noisy - mean.float(), scale))
+        y_hat = ste_round(y - mean) + mean
+        x_mean, features = self.decode_content(y_hat, rate)
+        bpp = (z_bits.sum((1, 2, 3)) + y_bits.sum((1, 2, 3))) / (h * w)
+        mse01 = ((x_mean.float() - x) ** 2).mean((1, 2, 3)) / 4.0  # images in [0, 1], as the lambdas assume
+        lam = torch.tensor(self.config.lambdas, device=x.device)[rate]
+        loss = (lam * 255.0 ** 2 * mse01 + bpp).mean()
+        return {"loss": loss, "bpp": bpp.detach(), "mse01": mse01.detach(), "x_mean": x_mean, "features": features}
+
+    def diffusion_loss(self, x: torch.Tensor, x_mean: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        """Stage 2: X-parameterized denoising loss, t ~ U(0, 1), conditioned on the content decoder."""
+        t = torch.rand(x.shape[0], device=x.device)
+        a = alpha_bar(t).float()[:, None, None, None]
         x_t = a.sqrt() * x + (1 - a).sqrt() * torch.randn_like(x)
-        x0_pred = self.unet(x_t, t, context)
-        mse = F.mse_loss(x0_pred, x)
-        perceptual = x.new_zeros(())
-        if rho > 0:
-            if min(h, w) <= MIN_MSSSIM_SIDE:
-                raise ValueError(f"the MS-SSIM term (rho > 0) needs crops larger than {MIN_MSSSIM_SIDE} px")
-            perceptual = 1 - ms_ssim((x0_pred.clamp(-1, 1) + 1) / 2, (x + 1) / 2, data_range=1.0,
-                                     win_size=7, weights=[0.2, 0.3, 0.5])
-        loss = beta * bpp + (1 - rho) * mse + rho * perceptual
-        return {"loss": loss, "bpp": bpp.detach(), "mse": mse.detach(),
-                "perceptual": perceptual.detach(), "aux": self.entropy_bottleneck.loss()}
+        x0 = self.unet(x_t, t, x_mean, features).float()
+        return F.mse_loss(x0, x)
 
-    # ----- entropy coding (batch of one: the tables depend on these exact floats) ----------
-    def encode_latents(self, y: torch.Tensor) -> EncodedLatents:
-        z = self.hyper_analysis(y)
-        medians = self._z_medians(z)
-        z_symbols = torch.round(z - medians)
-        z_string = self._code(self.entropy_bottleneck, z_symbols, self._z_indexes(z.shape))
-        scales, means = self.hyper_synthesis(z_symbols + medians)
-        y_symbols = torch.round(y - means)
-        y_indexes = self.gaussian_conditional.build_indexes(scales)
-        y_string = self._code(self.gaussian_conditional, y_symbols, y_indexes)
-        _, z_lik = self.entropy_bottleneck(z)
-        _, y_lik = self.gaussian_conditional(y, scales, means)
-        bits = -(torch.log2(z_lik).sum() + torch.log2(y_lik).sum()).item()
-        return EncodedLatents(z_symbols, y_symbols, z_string, y_string, bits)
-
-    def decode_latents(self, z_string: bytes, y_string: bytes, z_shape: tuple[int, int, int, int]
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (z_symbols, y_symbols, y_hat)."""
-        z_symbols = self._decode(self.entropy_bottleneck, z_string, self._z_indexes(z_shape))
-        scales, means = self.hyper_synthesis(z_symbols + self._z_medians(z_symbols))
-        y_indexes = self.gaussian_conditional.build_indexes(scales)
-        y_symbols = self._decode(self.gaussian_conditional, y_string, y_indexes)
-        return z_symbols, y_symbols, y_symbols + means
-
-    def _z_medians(self, z: torch.Tensor) -> torch.Tensor:
-        return self.entropy_bottleneck.quantiles[:, 0, 1].reshape(1, -1, 1, 1).to(z.dtype)
-
-    def _z_indexes(self, shape: tuple[int, ...]) -> torch.Tensor:
-        channels = torch.arange(shape[1], dtype=torch.int32, device=self.entropy_bottleneck.quantiles.device)
-        return channels.reshape(1, -1, 1, 1).expand(1, shape[1], shape[2], shape[3])
-
-    @staticmethod
-    def _code(entropy_model: EntropyModel, symbols: torch.Tensor, indexes: torch.Tensor) -> bytes:
-        return EntropyModel.compress(entropy_model, symbols, indexes)[0]
-
-    @staticmethod
-    def _decode(entropy_model: EntropyModel, string: bytes, indexes: torch.Tensor) -> torch.Tensor:
-        # rANS reads at most one 32-bit word per symbol past its state; a zero tail keeps
-        # a hostile string from reading outside its buffer (valid strings never reach it).
-        tail = bytes(4 * indexes.numel() + 16)
-        return EntropyModel.decompress(entropy_model, [string + tail], indexes.int())
-
-    # ----- diffusion decoding ----------------------------------------------------------------
-    def sample(self, context: list[torch.Tensor], noise: torch.Tensor, steps: int, eta: float = 0.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    # ----- decoding -----------------------------------------------------------------------
+    def sample(self, x_mean: torch.Tensor, features: list[torch.Tensor], noise: torch.Tensor, steps: int,
+               eta: float = 0.0, fresh_noise=None) -> torch.Tensor:
         """DDIM from t=1 (x_1 = noise) to t=0 in `steps` uniform steps; eta=0 is deterministic.
 
-        With eta > 0, fresh noise is drawn from `generator` on the CPU, so the result does
-        not depend on the device's random number generator.
+        `fresh_noise(shape)` supplies the noise of stochastic steps (eta > 0).
         """
         x = noise
-        times = torch.linspace(1.0, 0.0, steps + 1)
-        x0 = x
+        times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        x0 = x_mean
         for t_now, t_next in zip(times[:-1], times[1:]):
             a_now, a_next = alpha_bar(t_now).item(), alpha_bar(t_next).item()
-            x0 = self.unet(x, t_now.expand(x.shape[0]).to(x.device), context).clamp(-1, 1)
+            x0 = self.unet(x, t_now.float().expand(x.shape[0]).to(x.device), x_mean, features).clamp(-1, 1)
             if t_next == 0:
                 break
             eps = (x - math.sqrt(a_now) * x0) / math.sqrt(1 - a_now)
             sigma = eta * math.sqrt((1 - a_next) / (1 - a_now) * (1 - a_now / a_next))
             x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - sigma ** 2, 0.0)) * eps
             if sigma > 0:
-                x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
+                x = x + sigma * fresh_noise(x.shape).to(x.device)
         return x0

@@ -1,12 +1,14 @@
-"""Training a CDC codec: the loop, its checkpoints, the export to a registry weights file,
-and the Ray Train driver that runs it on one or many workers (`python -m jobs.train`).
+"""Training CDC: the loop (bf16 autocast, channels_last, exact resume), its checkpoints, the
+export to a registry weights file, and the Ray Train driver (`python -m jobs.train`).
 
-Loss (Yang & Mandt 2023): beta * bpp + (1 - rho) * diffusion loss + rho * perceptual, where
-the perceptual term is 1 - MS-SSIM (the paper's LPIPS needs VGG weights we cannot fetch).
+Stages (TrainConfig.stage): `content` (rate + MSE of the content path's mean image, every
+rate point at once), `diffusion` (the UNet on the frozen content path), `joint`. Each stage
+runs in its own run dir; the next starts from the previous one's checkpoint (`init_from`).
 
-State lives in the run dir: checkpoint/ (model + optimizer as safetensors, step and curve
-as JSON), rewritten atomically every `checkpoint_every` steps; a rerun resumes from the
-step it stopped at. At the end, rank 0 writes <export>.safetensors and <export>.curve.csv.
+State lives in <run_dir>/checkpoint (model and optimizer as safetensors; step, curve and
+the random generators' states as JSON), replaced atomically every `checkpoint_every`
+steps: rerunning the same command continues at the exact step, with the exact crops and
+noise it would have drawn (CPU; on a GPU the device's generator is not restored).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -23,156 +26,244 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..images import decode_image
 from ..metrics import psnr_from_mse
-from ..registry import SHIPPED_DIR, Weights, read_weights, save_weights
+from ..registry import SHIPPED_DIR, Weights, save_weights
+from .codec import TRAINING_ONLY
 from .config import TrainConfig
+from .exact_parts import export_exact
 from .model import CDCModel
 
 log = logging.getLogger(__name__)
 
-CURVE_FIELDS = ["step", "elapsed_s", "loss", "bpp", "mse", "psnr_x0", "perceptual", "aux"]
+CURVE_FIELDS = ["step", "elapsed_s", "stage", "loss", "bpp", "psnr_mean", "diffusion_mse", "lr"]
 
 
 class CropSampler:
-    """Random crops (with random horizontal flips) from a folder of photos held in memory."""
+    """Random square crops with random flips, from photos held in memory at several scales.
 
-    def __init__(self, folder: str | Path, crop: int, seed: int):
+    The evaluation photos are downsampled originals; copies of the training photos at 0.6x
+    (antialiased) have the same detail per pixel.
+    """
+
+    def __init__(self, folder: str | Path, crop: int, seed: int, scales: tuple[float, ...] = (1.0,)):
         folder = Path(folder)
         if folder.name == "dev":
             raise ValueError(f"{folder} is the evaluation set; train on photos/train")
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        self.images = [img for img in (decode_image(p.read_bytes())[0] for p in files)
-                       if min(img.shape[:2]) >= crop]
+        self.images = [img for path in files for img in _scaled(path, scales) if min(img.shape[:2]) >= crop]
         if not self.images:
             raise FileNotFoundError(f"no training photos of at least {crop} px in {folder}")
         self.crop, self.rng = crop, np.random.default_rng(seed)
 
     def batch(self, size: int) -> torch.Tensor:
+        """(size, 3, crop, crop) uint8."""
         crops = []
         for _ in range(size):
             img = self.images[self.rng.integers(len(self.images))]
             top = self.rng.integers(img.shape[0] - self.crop + 1)
             left = self.rng.integers(img.shape[1] - self.crop + 1)
             patch = img[top:top + self.crop, left:left + self.crop]
-            crops.append(patch[:, ::-1] if self.rng.random() < 0.5 else patch)
-        x = torch.from_numpy(np.stack(crops).copy()).permute(0, 3, 1, 2).float()
-        return x / 127.5 - 1.0
+            if self.rng.random() < 0.5:
+                patch = patch[:, ::-1]
+            if self.rng.random() < 0.5:
+                patch = patch[::-1]
+            crops.append(patch)
+        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
 
 
-def build_optimizer(model: CDCModel, lr: float, aux_lr: float) -> torch.optim.Adam:
-    quantiles = [model.entropy_bottleneck.quantiles]
-    main = [p for p in model.parameters() if p is not quantiles[0]]
-    return torch.optim.Adam([{"params": main, "lr": lr}, {"params": quantiles, "lr": aux_lr}])
+def _scaled(path: Path, scales: tuple[float, ...]) -> list[np.ndarray]:
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        return [np.asarray(image if s == 1.0 else image.resize((round(image.width * s), round(image.height * s)),
+                                                               Image.Resampling.LANCZOS)) for s in scales]
 
 
-def save_checkpoint(folder: Path, model: CDCModel, optimizer: torch.optim.Optimizer,
-                    step: int, curve: list[dict]) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
+def to_unit(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1]."""
+    return batch.float() / 127.5 - 1.0
+
+
+def trainable(model: CDCModel, stage: str) -> list[torch.nn.Parameter]:
+    if stage == "diffusion":
+        return list(model.unet.parameters())
+    if stage == "content":
+        return [p for name, p in model.named_parameters() if not name.startswith("unet.")]
+    return list(model.parameters())
+
+
+def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
+    """Linear warm-up, constant, then a cosine decay to a tenth over the last steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    start = int(cfg.decay_from * total)
+    if step < start:
+        return cfg.lr
+    progress = min(1.0, (step - start) / max(1, total - start))
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None,
+          wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> tuple[CDCModel, list[dict]]:
+    """Run (or resume) one stage; returns the model (unwrapped) and the curve of every stage so far."""
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every worker and rerun
+    model = CDCModel(cfg.model)
+    checkpoint = Path(cfg.run_dir) / "checkpoint"
+    resuming = (checkpoint / "state.json").is_file()
+    state = {"step": 0, "total": cfg.steps, "stage": cfg.stage, "curve": [], "elapsed_s": 0.0}
+    if not resuming and cfg.init_from:
+        load_model_state(model, Path(cfg.init_from))
+        previous = Path(cfg.init_from) / "state.json"
+        if previous.is_file():
+            state["curve"] = json.loads(previous.read_text())["curve"]
+            state["elapsed_s"] = state["curve"][-1]["elapsed_s"] if state["curve"] else 0.0
+    model.to(device).to(memory_format=torch.channels_last)
+    params = trainable(model, cfg.stage)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    sampler = CropSampler(cfg.data, cfg.crop, cfg.seed + 1000 * cfg.rank, cfg.scales)
+    if resuming:
+        state = _resume(checkpoint, cfg, model, optimizer, sampler)
+    net = wrap_model(model) if wrap_model else model
+    model.train()
+    started, elapsed_before, window = time.time(), state["elapsed_s"], []
+    deadline = started + 60 * cfg.minutes if cfg.minutes else None
+    rates = len(cfg.model.lambdas)
+    while state["step"] < state["total"]:
+        step = state["step"]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step, state["total"])
+        x = to_unit(sampler.batch(cfg.batch_size).to(device)).contiguous(memory_format=torch.channels_last)
+        rate = torch.randint(rates, (cfg.batch_size,), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            row = net(x, rate, cfg.stage, cfg.diffusion_weight)
+        optimizer.zero_grad(set_to_none=True)
+        row["loss"].backward()
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):
+            optimizer.step()
+        else:
+            log.warning("step %d: non-finite gradient, update skipped", step)
+        window.append({k: float(v.detach()) for k, v in row.items()})
+        state["step"] = step + 1
+        if deadline and state["step"] in (20, 120):  # time budget: steps from the speed after warm-up
+            if state["step"] == 20:
+                warm = (time.time(), 20)
+                state["total"] = 10 ** 9  # until the speed is known
+            else:
+                per_step = (time.time() - warm[0]) / (state["step"] - warm[1])
+                state["total"] = max(121, int(120 + (deadline - time.time()) / per_step))
+                log.info("%.3f s/step: %d steps fit in %.1f minutes", per_step, state["total"], cfg.minutes)
+        if state["step"] % cfg.log_every == 0 or state["step"] == state["total"]:
+            state["elapsed_s"] = elapsed_before + time.time() - started
+            state["curve"].append(_curve_row(state, cfg, window, optimizer))
+            window = []
+            log.info("%s", json.dumps(state["curve"][-1]))
+            if report:
+                report(state["curve"][-1])
+        if cfg.rank == 0 and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == state["total"]):
+            _checkpoint(checkpoint, model, optimizer, state, sampler, elapsed_before, started)
+    return model, state["curve"]
+
+
+def load_model_state(model: CDCModel, source: Path) -> None:
+    """Weights from a checkpoint folder (any stage) into `model`, strictly."""
+    tensors = load_file(str(source / "model.safetensors"))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+
+
+def save_checkpoint(folder: Path, model: CDCModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Replace the checkpoint atomically: a crash leaves the old one or the new one."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(model.weight_tensors(), str(tmp / "model.safetensors"))
-    opt_state = optimizer.state_dict()
-    save_file({f"{index}.{key}": value for index, state in opt_state["state"].items()
-               for key, value in state.items()}, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(
-        {"step": step, "param_groups": opt_state["param_groups"], "curve": curve}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # a crash leaves either the old or the new checkpoint, never half of one
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    opt = optimizer.state_dict()
+    save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()
+               if isinstance(v, torch.Tensor)}, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}))
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model: CDCModel, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    meta = json.loads((folder / "state.json").read_text())
-    model.load_weight_tensors(load_file(str(folder / "model.safetensors")))
-    state: dict[int, dict] = {}
-    for name, value in load_file(str(folder / "optimizer.safetensors")).items():
+def _resume(checkpoint: Path, cfg: TrainConfig, model: CDCModel, optimizer, sampler: CropSampler) -> dict:
+    state = json.loads((checkpoint / "state.json").read_text())
+    if state["stage"] != cfg.stage:
+        raise ValueError(f"{checkpoint} holds stage {state['stage']!r}; this run is {cfg.stage!r}: "
+                         "start the next stage in a new run dir with init_from")
+    load_model_state(model, checkpoint)
+    per_param: dict[int, dict] = {}
+    for name, value in load_file(str(checkpoint / "optimizer.safetensors")).items():
         index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta["step"], meta["curve"]
+        per_param.setdefault(int(index), {})[key] = value.to(next(model.parameters()).device)
+    optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    sampler.rng.bit_generator.state = state["sampler_rng"]
+    if not cfg.minutes:
+        state["total"] = cfg.steps
+    log.info("resuming %s at step %d of %d", checkpoint, state["step"], state["total"])
+    return state
 
 
-def train(config: TrainConfig, report: Callable[[dict], None] | None = None,
-          wrap_model: Callable[[CDCModel], torch.nn.Module] | None = None) -> tuple[CDCModel, list[dict]]:
-    """The training loop; `report(row)` is called at every logged step (Ray or tests), and
-    `wrap_model` (e.g. DDP) wraps the network that computes the loss.
+def _checkpoint(folder: Path, model, optimizer, state: dict, sampler: CropSampler, elapsed_before: float,
+                started: float) -> None:
+    state["elapsed_s"] = elapsed_before + time.time() - started
+    state["torch_rng"] = torch.get_rng_state().tolist()
+    state["sampler_rng"] = sampler.rng.bit_generator.state
+    save_checkpoint(folder, model, optimizer, state)
 
-    Returns the trained model (unwrapped) and the training curve.
+
+def _curve_row(state: dict, cfg: TrainConfig, window: list[dict], optimizer) -> dict:
+    mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+    return {"step": state["step"], "elapsed_s": round(state["elapsed_s"], 1), "stage": cfg.stage,
+            "loss": mean["loss"], "bpp": mean["bpp"], "psnr_mean": psnr_from_mse(mean["mse01"] * 255.0 ** 2),
+            "diffusion_mse": mean.get("diffusion_mse"), "lr": optimizer.param_groups[0]["lr"]}
+
+
+# ---------------------------------------------------------------------- export
+def export(model: CDCModel, curve: list[dict], cfg: TrainConfig, path: str | Path | None = None) -> Path:
+    """Write the registry weights file: float16 networks + the exact integer parts, and its curve.
+
+    The exact parts (integer h_s, z and y tables) are made here, once, in float64: every
+    decoder then reads the same integers. The activation exponents of h_s are calibrated
+    on the z symbols of training crops at every rate point.
     """
-    torch.set_num_threads(config.threads)
-    rank = config.rank
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)  # the same initial weights on every worker and rerun
-    model = CDCModel(config.model)
-    if config.init_from:
-        model.load_weight_tensors({k: v.float() for k, v in read_weights(config.init_from).tensors.items()})
-    model.to(device)
-    optimizer = build_optimizer(model, config.lr, config.aux_lr)
-    checkpoint = Path(config.run_dir) / "checkpoint" if config.run_dir else None
-    step, curve = 0, []
-    if checkpoint and (checkpoint / "state.json").is_file():
-        step, curve = load_checkpoint(checkpoint, model, optimizer)
-        log.info("resuming %s from step %d", checkpoint, step)
-    # Fresh randomness per (rank, resume point): a resumed run does not replay old crops.
-    torch.manual_seed(config.seed + 1000 * rank + step)
-    sampler = CropSampler(config.data, config.crop, config.seed + 1000 * rank + step)
-    net = wrap_model(model) if wrap_model else model
-    started, deadline = time.time(), time.time() + 60 * config.max_minutes
-    elapsed_before = curve[-1]["elapsed_s"] if curve else 0.0
-    window: list[dict] = []
-    while step < config.steps and time.time() < deadline:
-        out = net(sampler.batch(config.batch_size).to(device), config.beta, config.rho)
-        optimizer.zero_grad(set_to_none=True)
-        (out["loss"] + out["aux"]).backward()
-        # Clip the networks only: the quantiles' aux gradient is large and would shrink the rest.
-        norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
-        step += 1
-        if not (torch.isfinite(norm) and torch.isfinite(out["loss"])):
-            # One bad batch must not turn every weight into NaN (seen once at lr 4e-4).
-            log.warning("step %d: non-finite loss or gradient, update skipped", step)
-            continue
-        optimizer.step()
-        window.append({k: float(v.detach()) for k, v in out.items()})
-        if step % config.log_every == 0 or step == config.steps:
-            row = {"step": step, "elapsed_s": round(elapsed_before + time.time() - started, 1)}
-            row.update({k: float(np.mean([w[k] for w in window])) for k in ("loss", "bpp", "mse", "perceptual", "aux")})
-            row["psnr_x0"] = float(np.mean([psnr_from_mse(max(w["mse"], 1e-10), peak=2.0) for w in window]))
-            curve.append(row)
-            window = []
-            log.info("step %d loss %.4f bpp %.4f mse %.4f aux %.1f", step, row["loss"], row["bpp"],
-                     row["mse"], row["aux"])
-            if report:
-                report(row)
-        if checkpoint and rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
-            save_checkpoint(checkpoint, model, optimizer, step, curve)
-    if checkpoint and rank == 0:
-        save_checkpoint(checkpoint, model, optimizer, step, curve)
-    return model, curve
-
-
-def export(model: CDCModel, curve: list[dict], config: TrainConfig) -> Path:
-    """Write the registry weights file (float16 tensors: half the size) and its curve.
-
-    The file records the network config (digested) and, apart, the loss weights beta and rho.
-    """
-    tensors = {k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
-               for k, v in model.weight_tensors().items()}
+    model = model.float().cpu().eval()
+    with torch.no_grad():
+        sampler = CropSampler(cfg.data, cfg.crop, seed=12345, scales=cfg.scales)
+        x = to_unit(sampler.batch(4 * len(cfg.model.lambdas)))
+        rate = torch.arange(len(cfg.model.lambdas)).repeat_interleave(4)
+        z = torch.round(model.h_a(model.g_a(x) * model.gains(rate)[0]))
+    tensors = {k: v.detach().half() for k, v in model.state_dict().items()
+               if v.is_floating_point() and not k.startswith(TRAINING_ONLY)}
+    tensors.update({f"exact.{k}": v for k, v in export_exact(model, z).items()})
     broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise ValueError(f"refusing to export non-finite weights ({broken[:3]}...); resume from an earlier run")
-    weights = Weights("cdc", config.name, model.config.to_dict(), tensors, config.provenance,
-                      training={"beta": config.beta, "rho": config.rho})
-    path = save_weights(weights, config.export or SHIPPED_DIR / f"{config.name}.safetensors")
-    with open(path.with_suffix(".curve.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in CURVE_FIELDS} for row in curve)
-    log.info("exported %s (%d bytes) after step %d", path, path.stat().st_size, curve[-1]["step"] if curve else 0)
+    config = {"model": cfg.model.to_dict(), "rates": cfg.model.rate_names,
+              "default_rate": cfg.model.rate_names[len(cfg.model.lambdas) // 2]}
+    weights = Weights("cdc", cfg.name, config, tensors, cfg.provenance,
+                      training={"lambdas": list(cfg.model.lambdas), "stage": cfg.stage,
+                                "steps": curve[-1]["step"] if curve else 0})
+    path = save_weights(weights, path or cfg.export or SHIPPED_DIR / f"{cfg.name}.safetensors")
+    write_curve(curve, path.with_suffix(".curve.csv"))
+    log.info("exported %s (%d bytes) after %d steps", path, path.stat().st_size, curve[-1]["step"] if curve else 0)
     return path
 
 
+def write_curve(curve: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: row.get(k) for k in CURVE_FIELDS} for row in curve)
+
+
+# ---------------------------------------------------------------------- Ray Train
 def ray_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker (`loop_config` is TrainConfig.to_dict()); DDP wraps the
     model when there are several."""
@@ -180,19 +271,18 @@ def ray_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     context = ray.train.get_context()
-    config = replace(TrainConfig.from_dict(loop_config), rank=context.get_world_rank(),
-                     world_size=context.get_world_size(), device=str(ray.train.torch.get_device()))
-    model, curve = train(config, report=lambda row: ray.train.report(row),
-                         wrap_model=ray.train.torch.prepare_model if config.world_size > 1 else None)
-    if config.rank == 0 and curve:  # done: all steps, or --max-minutes ran out
-        export(model, curve, config)
+    cfg = replace(TrainConfig.from_dict(loop_config), rank=context.get_world_rank(),
+                  world_size=context.get_world_size(), device=str(ray.train.torch.get_device()))
+    model, curve = train(cfg, report=lambda row: ray.train.report(row),
+                         wrap_model=ray.train.torch.prepare_model if cfg.world_size > 1 else None)
+    if cfg.rank == 0 and curve:
+        export(model, curve, cfg)
 
 
-def fit(config: TrainConfig, workers: int = 1, gpu: bool = False):
+def fit(cfg: TrainConfig, workers: int = 1, gpu: bool = False):
     """Run `ray_worker` on `workers` Ray Train workers (one GPU each with `gpu`); returns Ray's result.
 
-    Joins the cluster named by RAY_ADDRESS, else starts Ray in-process. Ray Train sets up
-    its workers' logging (INFO lines reach the driver's console).
+    Joins the cluster named by RAY_ADDRESS, else starts Ray in-process.
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -201,8 +291,7 @@ def fit(config: TrainConfig, workers: int = 1, gpu: bool = False):
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
     trainer = TorchTrainer(
-        ray_worker, train_loop_config=config.to_dict(),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": config.threads}),
-        run_config=RunConfig(name=config.name, storage_path=str(Path(config.run_dir) / "ray")))
+        ray_worker, train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cfg.threads}),
+        run_config=RunConfig(name=cfg.name, storage_path=str(Path(cfg.run_dir) / "ray")))
     return trainer.fit()

@@ -1,4 +1,4 @@
-"""UQDM: progressive coding with a universally quantized diffusion model.
+"""UQDM: progressive coding with a universally quantized diffusion model, exact on every machine.
 
 From "Progressive Compression with Universally Quantized Diffusion Models" (Yang, Will &
 Mandt, ICLR 2025). The forward process adds uniform noise; each of the T reverse steps is
@@ -15,14 +15,20 @@ So the coded size equals the model's negative ELBO up to the coder's overhead. A
 lossless chunk codes the pixels under p(x | z_0). Stream = T + 1 chunks; any prefix
 decodes: after n < T chunks the image is the network's denoised guess from z_{t_n}.
 
-The released model works on 64x64 images with global attention, so images are cut into
-64x64 tiles (edge-padded), processed `tile_batch` at a time to bound memory. Padding is
-never coded: its symbols are fixed to k = 0 on both sides.
+Exactness (see `model.exact`): the network is the integer network of `int_net`; the
+latents live on a 2^-12 grid, the dither on a 2^-8 grid, 1/r in 16-bit fixed point; the
+step constants are float64 numbers stored in the weights file; P(k | u) and p(x | z_0)
+come from integer tables. So every machine computes the same tables, for any batch size
+and thread count, on CPU or GPU: a stream decodes wherever it was written.
+
+Images are cut into 64x64 tiles (edge-padded; the model was trained on 64x64 images with
+global attention). Tiles are framed in segments of `tile_batch` tiles (a stream
+parameter; it bounds the work before a damaged segment is caught). Padding is never
+coded: its symbols are fixed to k = 0 on both sides.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -31,29 +37,45 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import entropy
+from .. import entropy, exact
 from ..bitstream import BitstreamError
 from ..codec import Codec
 from ..images import as_rgb8
 from ..registry import Weights
-from .net import ScoreNet
+from .int_net import Z_EXPONENT, IntScoreNet
 
 TILE = 64
-_PARAMS = struct.Struct(">HHI")  # tile size, tiles per batch, dither seed
+Z_ONE = float(1 << Z_EXPONENT)
+U_BITS = 8                        # the dither's grid: 2^-8
+U_UNIT = 1 << (U_BITS + 1)        # dither integers are odd multiples of 2^-9
+INV_R_BITS = 16                   # 1/r in fixed point
+_ARG_BITS = U_BITS + 1 + INV_R_BITS
+_PARAMS = struct.Struct(">HHI")   # tile size, tiles per segment, dither seed
 _CRC = struct.Struct(">I")
-_MAX_TILE_BATCH = 64  # bounds the work done before a hostile stream is caught
+_MAX_TILE_BATCH = 64              # bounds the work done before a hostile stream is caught
+_STREAMS_PER_TILE = 64            # random streams: tile * 64 + (0: initial latent, 1..T: dithers)
 
 
 @dataclass(frozen=True)
-class Step:
-    """Schedule constants of one reverse step t -> s (float64, identical on every machine)."""
-    alpha_t: float
-    alpha_s: float
+class StepConstants:
+    """float64 constants of one reverse step t -> s, computed once at import and stored."""
+    loc_scale: float    # alpha_s / alpha_t
+    eps_scale: float    # sigma_t * expm1, expm1 = sigma_{t|s}^2 / sigma_t^2
+    prior_scale: float  # r per unit of the softplus integer: sigma_t sqrt(expm1) (sqrt 3 / pi) / delta / 2^16
+    delta: float
+    inv_delta: float
+    q_z: float          # alpha_s (1 - expm1) / alpha_t
+    q_x: float          # alpha_s expm1
+    inv_alpha_t: float
     sigma_t: float
-    sigma_s: float
-    expm1: float   # sigma_{t|s}^2 / sigma_t^2 = 1 - exp(gamma_s - gamma_t)
-    delta: float   # width of the uniform noise = quantization step
-    gamma_t: float
+
+
+@dataclass(frozen=True)
+class PixelConstants:
+    """p(x | z_0): centre = z * centre_scale + 127.5; density index = squared offset * density."""
+    centre_scale: float  # 128 / (2^12 alpha_0)
+    inv_alpha_0: float
+    density: float       # 0.5 * exp(-gamma_0) / 128^2 * 2^-8
 
 
 class UQDMCodec(Codec):
@@ -63,18 +85,14 @@ class UQDMCodec(Codec):
     def __init__(self, weights: Weights, device: str | torch.device | None = None,
                  tile_batch: int | None = None, seed: int = 0):
         super().__init__(weights, device)
-        cfg = weights.config
-        self.net = ScoreNet(cfg)
-        state = {k[len("net."):]: v for k, v in weights.tensors.items() if k.startswith("net.")}
-        self.net.load_state_dict(state)
-        self.net.eval().to(self.device)
-        self.n_steps = cfg["n_timesteps"]
-        slope, gamma_max = abs(float(weights.tensors["gamma_slope"])), cfg["gamma_max"]
-        gammas = [gamma_max + slope * (t / self.n_steps - 1.0) for t in range(self.n_steps, -1, -1)]
-        self.steps = [_step(g_t, g_s) for g_t, g_s in zip(gammas, gammas[1:])]
-        self.gamma_0 = gammas[-1]
-        self.alpha_0 = math.sqrt(_sigmoid(-self.gamma_0))
+        net = {k[len("net."):]: v for k, v in weights.tensors.items() if k.startswith("net.")}
+        self.net = IntScoreNet(net, weights.config, self.device)
+        self.steps = [StepConstants(*row) for row in weights.tensors["schedule"].tolist()]
+        self.pixel = PixelConstants(*weights.tensors["pixel"].tolist())
+        self.n_steps = len(self.steps)
         self.tile_batch = tile_batch or (4 if self.device.type == "cpu" else 32)
+        if not 0 < self.tile_batch <= _MAX_TILE_BATCH:
+            raise ValueError(f"tile_batch must be 1..{_MAX_TILE_BATCH}")
         self.seed = seed
 
     @property
@@ -86,36 +104,36 @@ class UQDMCodec(Codec):
         return [self.compress_with_rates(img)[0] for img in imgs]
 
     def compress_with_rates(self, img: np.ndarray) -> tuple[bytes, list[float]]:
-        """Encode one image; also return the model's ideal bits per chunk (its negative ELBO)."""
+        """Encode one image; also return the ideal bits per chunk (the model's negative ELBO terms)."""
         img = as_rgb8(img)
         height, width = img.shape[:2]
         tiles = _tile(img)
-        segments = [[] for _ in range(self.n_chunks)]
+        segments: list[list[bytes]] = [[] for _ in range(self.n_chunks)]
         ideal_bits = [0.0] * self.n_chunks
-        with self.pinned_numerics():
+        with torch.inference_mode():
             for first, last in _groups(len(tiles), self.tile_batch):
                 x_raw = torch.from_numpy(tiles[first:last]).to(self.device)
                 m = torch.from_numpy(_group_mask(height, width, first, last)).to(self.device)
-                x = _to_unit(x_raw)
+                x = (x_raw.double() + 0.5) * (1.0 / 128) - 1.0
                 z = self._initial_latent(first, last)
                 for i, step in enumerate(self.steps):
-                    p_loc, r = self._prior(z, step)
-                    u = self._dither(first, last, i + 1)
-                    q_loc = step.alpha_s * ((1 - step.expm1) / step.alpha_t * z + step.expm1 * x)
-                    k = torch.round((q_loc - p_loc) / step.delta + u) * m
-                    z = p_loc + (k - u) * step.delta
-                    symbols, log_rows = k[m].long().cpu().numpy(), _uq_log_rows(u, r, m)
-                    segment, bits = _encode_segment(symbols, log_rows, checked=symbols)
+                    p_loc, _, inv_r = self._prior(z, i)
+                    dither = self._dither(first, last, i)
+                    u = dither * (1.0 / U_UNIT)
+                    q_loc = z * (step.q_z / Z_ONE) + x * step.q_x
+                    k = torch.round((q_loc - p_loc) * step.inv_delta + u) * m
+                    z = _next_latent(p_loc, k, u, step)
+                    symbols = k[m].long().cpu().numpy()
+                    segment, bits = _encode_segment(symbols, _uq_rows(dither, inv_r, m), checked=symbols)
                     segments[i].append(segment)
                     ideal_bits[i] += bits
-                centre, log_rows = self._pixel_model(z, m)
+                centre, rows = self._pixel_model(z, m)
                 pixels = x_raw[m].long().cpu().numpy()
-                segment, bits = _encode_segment(pixels - centre, log_rows, checked=pixels)
+                segment, bits = _encode_segment(pixels - centre, rows, checked=pixels)
                 segments[-1].append(segment)
                 ideal_bits[-1] += bits
         chunks = [entropy.join_segments(segs) for segs in segments]
-        params = _PARAMS.pack(TILE, self.tile_batch, self.seed)
-        return self.pack(height, width, chunks, params), ideal_bits
+        return self.pack(height, width, chunks, _PARAMS.pack(TILE, self.tile_batch, self.seed)), ideal_bits
 
     # ------------------------------------------------------------------ decode
     def decompress_batch(self, datas: Sequence[bytes], steps: int | None = None,
@@ -140,17 +158,17 @@ class UQDMCodec(Codec):
         # Check every chunk's framing before any network runs or any image is allocated.
         segments = [entropy.split_segments(chunk, len(groups)) for chunk in chunks]
         out = np.zeros((rows * cols, 3, TILE, TILE), dtype=np.uint8)
-        with self.pinned_numerics():
+        with torch.inference_mode():
             for g, (first, last) in enumerate(groups):
                 m = torch.from_numpy(_group_mask(height, width, first, last)).to(self.device)
                 z = self._initial_latent(first, last, seed)
                 for i, step in enumerate(self.steps[:len(chunks)]):
-                    p_loc, r = self._prior(z, step)
-                    u = self._dither(first, last, i + 1, seed)
-                    symbols = _decode_segment(segments[i][g], _uq_log_rows(u, r, m), m, i, lambda s: s)
+                    p_loc, _, inv_r = self._prior(z, i)
+                    dither = self._dither(first, last, i, seed)
+                    symbols = _decode_segment(segments[i][g], _uq_rows(dither, inv_r, m), m, i, lambda s: s)
                     k = torch.zeros_like(z)
-                    k[m] = torch.from_numpy(symbols).to(z)
-                    z = p_loc + (k - u) * step.delta
+                    k[m] = torch.from_numpy(symbols).to(k)
+                    z = _next_latent(p_loc, k, dither * (1.0 / U_UNIT), step)
                 lossless = segments[-1][g] if len(chunks) == self.n_chunks else None
                 out[first:last] = self._reconstruct(z, m, len(chunks), lossless).cpu().numpy()
         return _untile(out, height, width)
@@ -159,133 +177,109 @@ class UQDMCodec(Codec):
                      lossless: bytes | None) -> torch.Tensor:
         if n_chunks < self.n_steps:  # denoise: the network's guess of x from z_t
             step = self.steps[n_chunks]
-            eps, _ = self.net(z, torch.tensor(step.gamma_t, device=self.device))
-            x_hat = ((z - step.sigma_t * eps) / step.alpha_t).clamp(-1, 1)
-            return _to_pixels(x_hat / self.alpha_0)
+            _, eps, _ = self._prior(z, n_chunks)
+            x_hat = ((z * (1.0 / Z_ONE) - eps * step.sigma_t) * step.inv_alpha_t).clamp_(-1, 1)
+            return _to_pixels(x_hat * self.pixel.inv_alpha_0)
         if lossless is None:  # argmax of p(x | z_0)
-            return _to_pixels(z / self.alpha_0)
-        centre, log_rows = self._pixel_model(z, m)
-        pixels = _decode_segment(lossless, log_rows, m, n_chunks - 1, lambda offsets: np.clip(centre + offsets, 0, 255))
+            return _to_pixels(z * (self.pixel.inv_alpha_0 / Z_ONE))
+        centre, rows = self._pixel_model(z, m)
+        pixels = _decode_segment(lossless, rows, m, n_chunks - 1, lambda offsets: np.clip(centre + offsets, 0, 255))
         x = torch.zeros(m.shape, dtype=torch.uint8, device=self.device)
         x[m] = torch.from_numpy(pixels.astype(np.uint8)).to(self.device)
         return x
 
     # ------------------------------------------------------------------ model pieces
-    def _prior(self, z: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
-        """Location of p(z_s | z_t) and its logistic scale in units of delta."""
-        eps, scale_factor = self.net(z, torch.tensor(step.gamma_t, device=self.device))
-        p_loc = step.alpha_s / step.alpha_t * (z - step.sigma_t * step.expm1 * eps)
-        # Prior std = sigma_{t|s} * learned factor; a logistic of std s has scale s*sqrt(3)/pi.
-        scale = step.sigma_t * math.sqrt(step.expm1) * scale_factor * (math.sqrt(3.0) / math.pi)
-        return p_loc, scale / step.delta
+    def _prior(self, z: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(location of p(z_s | z_t), the predicted noise, 1/r in fixed point) for integer latents z."""
+        step = self.steps[i]
+        eps_raw, softplus = self.net(z, i)
+        z_real = z * (1.0 / Z_ONE)
+        eps = eps_raw * float(2.0 ** -self.net.e("out.eps", i)) + z_real
+        p_loc = (z_real - eps * step.eps_scale) * step.loc_scale
+        r = softplus * step.prior_scale
+        inv_r = torch.round(torch.full_like(r, float(1 << INV_R_BITS)) / r).clamp_(1, 1 << 24)
+        return p_loc, eps, inv_r
 
-    def _pixel_model(self, z_0: torch.Tensor, m: torch.Tensor):
-        """p(x | z_0) as integer centres and log-probability rows over offsets (VDM's decoder)."""
-        centre_f = ((z_0[m] / self.alpha_0 + 1.0) * 128.0 - 0.5).double().cpu().numpy()
-        centre = np.clip(np.round(centre_f), 0, 255).astype(np.int64)
-        precision = math.exp(-self.gamma_0) / 128.0 ** 2  # of the Gaussian, in pixel units
+    def _pixel_model(self, z_0: torch.Tensor, m: torch.Tensor) -> tuple[np.ndarray, entropy.FrequencyRows]:
+        """p(x | z_0) (VDM's decoder): integer centres and integer frequency rows over offsets."""
+        centre_fixed = torch.round((z_0 * self.pixel.centre_scale + 127.5) * 256.0)[m].long().cpu().numpy()
+        centre = np.clip((centre_fixed + 128) >> 8, 0, 255)
+        density = self.pixel.density
 
-        def log_rows(window: int) -> np.ndarray:
+        def rows(window: int) -> np.ndarray:
             values = centre[:, None] + np.arange(-window, window + 1)[None, :]
-            logits = -0.5 * precision * (values - centre_f[:, None]) ** 2
-            logits = np.where((values >= 0) & (values <= 255), logits, -np.inf)
-            return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+            squared = (256 * values - centre_fixed[:, None]) ** 2
+            weights = exact.exp_fixed(np.round(squared * density).astype(np.int64))
+            return exact.frequency_rows(np.where((values >= 0) & (values <= 255), weights, 0))
 
-        return centre, log_rows
+        return centre, rows
 
     def _initial_latent(self, first: int, last: int, seed: int | None = None) -> torch.Tensor:
-        return self._noise(first, last, 0, seed, torch.randn)
-
-    def _dither(self, first: int, last: int, step: int, seed: int | None = None) -> torch.Tensor:
-        return self._noise(first, last, step, seed, torch.rand) - 0.5
-
-    def _noise(self, first: int, last: int, step: int, seed: int | None, draw) -> torch.Tensor:
-        """Shared randomness: one CPU generator per (seed, tile, step), whatever the batching."""
         seed = self.seed if seed is None else seed
-        out = torch.empty((last - first, 3, TILE, TILE))
-        for j, tile in enumerate(range(first, last)):
-            gen = torch.Generator().manual_seed(((seed * 1_000_003 + tile) * 64 + step) % (1 << 63))
-            out[j] = draw((3, TILE, TILE), generator=gen)
-        return out.to(self.device)
+        count = 3 * TILE * TILE
+        noise = [exact.normal_noise(seed, tile * _STREAMS_PER_TILE, count) for tile in range(first, last)]
+        return torch.from_numpy(np.stack(noise).reshape(-1, 3, TILE, TILE)).to(self.device, torch.float64)
+
+    def _dither(self, first: int, last: int, i: int, seed: int | None = None) -> torch.Tensor:
+        seed = self.seed if seed is None else seed
+        count = 3 * TILE * TILE
+        u = [exact.dither(seed, tile * _STREAMS_PER_TILE + i + 1, count, U_BITS) for tile in range(first, last)]
+        return torch.from_numpy(np.stack(u).reshape(-1, 3, TILE, TILE)).to(self.device, torch.float64)
 
 
 # ---------------------------------------------------------------------- helpers
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
+def _next_latent(p_loc: torch.Tensor, k: torch.Tensor, u: torch.Tensor, step: StepConstants) -> torch.Tensor:
+    """z_s = p_loc + (k - u) delta, on the latents' 2^-12 grid (as integers)."""
+    return torch.round((p_loc + (k - u) * step.delta) * Z_ONE).clamp_(-exact.INT16, exact.INT16)
 
 
-def _step(gamma_t: float, gamma_s: float) -> Step:
-    expm1 = -math.expm1(gamma_s - gamma_t)
-    sigma_s = math.sqrt(_sigmoid(gamma_s))
-    return Step(alpha_t=math.sqrt(_sigmoid(-gamma_t)), alpha_s=math.sqrt(_sigmoid(-gamma_s)),
-                sigma_t=math.sqrt(_sigmoid(gamma_t)), sigma_s=sigma_s,
-                expm1=expm1, delta=sigma_s * math.sqrt(12.0 * expm1), gamma_t=gamma_t)
+def _uq_rows(dither: torch.Tensor, inv_r: torch.Tensor, m: torch.Tensor) -> entropy.FrequencyRows:
+    """P(k | u) of universal quantization under a logistic of scale r, as integer frequency rows."""
+    u = dither[m].long().cpu().numpy()[:, None]
+    inv = inv_r[m].long().cpu().numpy()[:, None]
+    half = U_UNIT // 2
 
+    def rows(window: int) -> np.ndarray:
+        centre = np.arange(-window, window + 1, dtype=np.int64)[None, :] * U_UNIT - u
+        upper = exact.sigmoid_fixed((centre + half) * inv, _ARG_BITS)
+        lower = exact.sigmoid_fixed((centre - half) * inv, _ARG_BITS)
+        return exact.frequency_rows(upper - lower)
 
-def _uq_log_rows(u: torch.Tensor, r: torch.Tensor, m: torch.Tensor) -> entropy.ProbabilityRows:
-    """log P(k | u) of universal quantization under a logistic prior of scale r (in steps)."""
-    u_m = u[m].double().cpu().numpy()[:, None]
-    r_m = r[m].double().cpu().numpy()[:, None]
-
-    def log_rows(window: int) -> np.ndarray:
-        a = np.arange(-window, window + 1)[None, :] - u_m
-        upper, lower = (a + 0.5) / r_m, (a - 0.5) / r_m
-        # log(sigmoid(hi) - sigmoid(lo)), taken on the side of the median where it does not cancel.
-        hi, lo = np.where(a > 0, -lower, upper), np.where(a > 0, -upper, lower)
-        log_hi, log_lo = -np.logaddexp(0.0, -hi), -np.logaddexp(0.0, -lo)
-        return log_hi + np.log1p(-np.exp(log_lo - log_hi))
-
-    return log_rows
-
-
-def _exp(log_rows: entropy.ProbabilityRows) -> entropy.ProbabilityRows:
-    return lambda window: np.exp(log_rows(window))
-
-
-def _to_unit(x_raw: torch.Tensor) -> torch.Tensor:
-    return 2.0 * ((x_raw.float() + 0.5) / 256.0) - 1.0
+    return rows
 
 
 def _to_pixels(x: torch.Tensor) -> torch.Tensor:
-    return ((x + 1.0) * 128.0 - 0.5).round().clamp(0, 255).to(torch.uint8)
+    return ((x + 1.0) * 128.0 - 0.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _groups(n_tiles: int, tile_batch: int):
-    """Tiles are processed, and their symbols framed, in fixed groups of `tile_batch`."""
+    """Tiles are framed in segments of `tile_batch` tiles."""
     for first in range(0, n_tiles, tile_batch):
         yield first, min(first + tile_batch, n_tiles)
 
 
-def _encode_segment(offsets: np.ndarray, log_rows: entropy.ProbabilityRows,
-                    checked: np.ndarray) -> tuple[bytes, float]:
-    """A CRC of what the decoder must reproduce, then the entropy-coded offsets.
-
-    Also returns -log2 P of the offsets under the exact model (the negative-ELBO terms),
-    read from the same rows the coder used, so they are computed once.
-    """
+def _encode_segment(offsets: np.ndarray, rows: entropy.FrequencyRows, checked: np.ndarray) -> tuple[bytes, float]:
+    """A CRC of what the decoder must reproduce, then the entropy-coded offsets; and their ideal bits."""
     used = {}
 
-    def rows(window: int) -> np.ndarray:
-        used["window"], used["log"] = window, log_rows(window)
-        return np.exp(used["log"])
+    def remembered(window: int) -> np.ndarray:
+        used["window"], used["rows"] = window, rows(window)
+        return used["rows"]
 
-    segment = _CRC.pack(zlib.crc32(checked.astype("<i4").tobytes())) + entropy.encode_offsets(offsets, rows)
+    segment = _CRC.pack(zlib.crc32(checked.astype("<i4").tobytes())) + entropy.encode_offsets(offsets, remembered)
     if not offsets.size:
         return segment, 0.0
-    picked = used["log"][np.arange(offsets.size), offsets + used["window"]]
-    return segment, float(-picked.sum() / math.log(2.0))
+    return segment, entropy.ideal_bits(used["rows"], offsets, used["window"])
 
 
-def _decode_segment(segment: bytes, log_rows: entropy.ProbabilityRows, m: torch.Tensor, chunk: int,
+def _decode_segment(segment: bytes, rows: entropy.FrequencyRows, m: torch.Tensor, chunk: int,
                     finish) -> np.ndarray:
     """Decode one segment, turn offsets into the checked values with `finish`, verify the CRC."""
     if len(segment) < _CRC.size:
         raise BitstreamError("UQDM segment too short")
-    values = finish(entropy.decode_offsets(segment[_CRC.size:], int(m.sum()), _exp(log_rows)))
+    values = finish(entropy.decode_offsets(segment[_CRC.size:], int(m.sum()), rows))
     if zlib.crc32(values.astype("<i4").tobytes()) != _CRC.unpack_from(segment)[0]:
-        raise BitstreamError(
-            f"chunk {chunk} decoded to other values than were encoded: the stream is corrupt, or this "
-            "machine computes the model differently from the encoder's (e.g. GPU vs CPU)")
+        raise BitstreamError(f"chunk {chunk} decoded to other values than were encoded: the stream is corrupt")
     return values
 
 

@@ -1,4 +1,10 @@
-"""Import the authors' released UQDM checkpoint (config.json + checkpoint.pt) as our Weights.
+"""Import the authors' released UQDM checkpoint (config.json + checkpoint.pt) as our exact Weights.
+
+`import_checkpoint` reads the float EMA weights; `import_exact` turns them into the exact
+integer codec's weights (`quantize.to_exact`) with the activation exponents calibrated
+once on the team's photos and shipped beside this file (uqdm-tiny.calibration.json), then
+checks the result's digest against the one recorded there: the same checkpoint imports to
+the same weights on every machine, or the import says it did not.
 
 The checkpoint is a torch pickle. It is read with torch's restricted unpickler
 (`weights_only=True`), allowing only the two numpy globals it needs for scalars, and
@@ -22,7 +28,27 @@ from .net import ScoreNet
 _PLAIN = (int, float, bool, str, type(None), np.generic)
 
 
+CALIBRATION = Path(__file__).with_name("uqdm-tiny.calibration.json")
+EXACT_NAME = "uqdm-tiny-exact"
+
+
+def import_exact(folder: str | Path, name: str = EXACT_NAME, calibration: Path = CALIBRATION) -> Weights:
+    """The exact codec's weights from the authors' checkpoint folder; raises if the digest is not ours."""
+    from .quantize import to_exact
+
+    record = json.loads(Path(calibration).read_text())
+    weights = to_exact(import_checkpoint(folder), record["exponents"], name)
+    expected = record.get("digest")
+    if expected and weights.digest.hex() != expected:
+        raise ValueError(f"importing {folder} gave weights with digest {weights.digest.hex()}, not the "
+                         f"{expected} that {calibration.name} records: the checkpoint differs from the authors' "
+                         "uqdm-tiny, or this machine computed the import differently; streams written with "
+                         "these weights would not decode elsewhere")
+    return weights
+
+
 def import_checkpoint(folder: str | Path, name: str = "uqdm-tiny") -> Weights:
+    """The authors' float EMA weights and noise-schedule slope (what `quantize` starts from)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     checkpoint = _load_tensors_only(folder / config.get("restore_ckpt", "checkpoint.pt"))

@@ -1,0 +1,206 @@
+"""The prepared script for a lent GPU: exactness across devices, speed, and a training run.
+
+    python -m benchmarks.device_session prepare            # here (CPU): streams + expected pixels
+    bash benchmarks/device_session.sh                      # there (GPU), through the device tool
+    python -m benchmarks.device_session collect DIR        # here: decode the GPU's streams on the CPU
+
+`prepare` encodes test crops with every codec on this CPU and records the sha256 of every
+decode (UQDM: each prefix; CDC: the symbols, 0 and 2 steps). `check` (on the GPU) decodes
+those streams there and compares, encodes the same crops on the GPU and compares the
+bytes, writes its own streams for `collect`, and times encode and decode of a dev photo.
+`train` runs the CDC stages for a time budget and saves the weights back.
+Results: benchmarks/results/device_*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import load_codec
+from model.images import decode_image
+
+log = logging.getLogger("benchmarks.device_session")
+HERE = Path(__file__).resolve().parents[1]
+STREAMS = HERE / ".gpu" / "streams"
+WEIGHTS = HERE / ".gpu" / "weights"
+CODECS = ("uqdm-tiny-exact", "cdc-hp128:q3")
+
+
+def _sha(array) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def _crops() -> dict[str, np.ndarray]:
+    """Two small crops of a sample photo that ships with matplotlib (any machine has it)."""
+    import matplotlib.cbook
+    img = decode_image(Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).read_bytes())[0]
+    return {"a": img[100:196, 150:278], "b": img[300:341, 200:263]}
+
+
+def _decodes(codec, data: bytes) -> dict[str, str]:
+    """sha256 of every decode a test looks at."""
+    if codec.progressive:
+        return {f"chunks{n}": _sha(codec.decompress(data, chunks=n)) for n in range(1, codec.n_chunks + 1)}
+    z, k = codec.decode_symbols(data)
+    return {"symbols": _sha(torch.cat([z.flatten(), k.flatten()]).cpu().numpy()),
+            "steps0": _sha(codec.decompress(data, steps=0)), "steps2": _sha(codec.decompress(data, steps=2))}
+
+
+def _pixels(codec, data: bytes) -> dict[str, np.ndarray]:
+    if codec.progressive:
+        return {"chunks5": codec.decompress(data)}
+    return {"steps0": codec.decompress(data, steps=0), "steps2": codec.decompress(data, steps=2)}
+
+
+def prepare() -> None:
+    STREAMS.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for name in CODECS:
+        codec = load_codec(name, device="cpu")
+        for key, img in _crops().items():
+            data = codec.compress(img)
+            path = STREAMS / f"{name.replace(':', '_')}-{key}.bin"
+            path.write_bytes(data)
+            expected[path.name] = _decodes(codec, data)
+            np.save(STREAMS / f"{path.stem}.npy", np.stack(list(_pixels(codec, data).values())))
+    (STREAMS / "expected.json").write_text(json.dumps(expected, indent=1))
+    print(json.dumps(expected, indent=1))
+
+
+def check(out: Path) -> dict:
+    """On the GPU: decode the CPU's streams, encode the same crops, time a dev-size photo."""
+    report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "decode_cpu_streams": {}, "encode_equal_cpu": {}, "speed": {}}
+    expected = json.loads((STREAMS / "expected.json").read_text())
+    streams = {}
+    for name in CODECS:
+        codec = load_codec(name)
+        for key, img in _crops().items():
+            stem = f"{name.replace(':', '_')}-{key}"
+            data = (STREAMS / f"{stem}.bin").read_bytes()
+            got = _decodes(codec, data)
+            cpu_pixels = np.load(STREAMS / f"{stem}.npy").astype(np.int16)
+            gpu_pixels = np.stack(list(_pixels(codec, data).values())).astype(np.int16)
+            report["decode_cpu_streams"][stem] = {
+                "equal": {k: got[k] == v for k, v in expected[f"{stem}.bin"].items()},
+                "max_pixel_difference": int(np.abs(cpu_pixels - gpu_pixels).max())}
+            streams[f"{stem}.bin"] = gpu_data = codec.compress(img)
+            report["encode_equal_cpu"][stem] = gpu_data == data
+        np.savez(out / "gpu_streams.npz", **{k: np.frombuffer(v, np.uint8) for k, v in streams.items()})
+        (out / "device_check.json").write_text(json.dumps(report, indent=1))  # kept if a later step is cut off
+        report["speed"][name] = _speed(codec)
+        (out / "device_check.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _speed(codec) -> dict:
+    from model.paths import DEV_PHOTOS
+    path = sorted(DEV_PHOTOS.glob("*.png"))[0] if DEV_PHOTOS.is_dir() else None
+    img = decode_image(path.read_bytes())[0] if path else np.tile(_crops()["a"], (6, 6, 1))[:512, :768]
+    megapixels = img.shape[0] * img.shape[1] / 1e6
+    codec.compress(img[:64, :64])  # warm-up
+    _sync()
+    started = time.perf_counter()
+    data = codec.compress(img)
+    _sync()
+    encode = time.perf_counter() - started
+    timings = {"image": f"{img.shape[1]}x{img.shape[0]}", "encode_mp_s": megapixels / encode}
+    options = [{"chunks": n} for n in (1, 5)] if codec.progressive else [{"steps": s} for s in (0, 4)]
+    for option in options:
+        started = time.perf_counter()
+        codec.decompress(data, **option)
+        _sync()
+        timings["decode_mp_s_" + "_".join(f"{k}{v}" for k, v in option.items())] = megapixels / (time.perf_counter() - started)
+    return timings
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def train(out: Path, data: str, content_minutes: float, diffusion_minutes: float, batch: int,
+          device: str = "cuda") -> None:
+    """CDC content stage, then diffusion stage, on the GPU; the final state dict back in three files."""
+    from model.cdc.config import TrainConfig
+    from model.cdc.train import train as run_stage
+
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # training only
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(name="cdc-hp128", data=data, scales=(1.0,), batch_size=batch, device=device, threads=8,
+                  log_every=100, checkpoint_every=10**9)
+    content = TrainConfig(run_dir="/tmp/gpu-run/content", stage="content", minutes=content_minutes, lr=2e-4,
+                          warmup=300, **common)
+    model, curve = run_stage(content)
+    _save_parts(model, out / "content")
+    (out / "curve.json").write_text(json.dumps(curve))
+    diffusion = TrainConfig(run_dir="/tmp/gpu-run/diffusion", stage="diffusion", minutes=diffusion_minutes, lr=2e-4,
+                            warmup=200, init_from="/tmp/gpu-run/content/checkpoint", **common)
+    model, curve = run_stage(diffusion)
+    _save_parts(model, out / "final")  # the tool brings back 64 MiB: the content parts make way
+    for part in out.glob("content-*.safetensors"):
+        part.unlink()
+    (out / "curve.json").write_text(json.dumps(curve))
+
+
+def _save_parts(model, prefix: Path) -> None:
+    """The state dict in three files (each under the tool's 16 MiB), float32."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu()
+             for k, v in model.state_dict().items()}
+    groups = {"a": ("g_a.", "h_a.", "log_gain"), "b": ("g_s.", "unet."), "c": ("h_s.", "z_density.")}
+    for part, prefixes in groups.items():
+        save_file({k: v for k, v in state.items() if k.startswith(prefixes)}, f"{prefix}-{part}.safetensors")
+
+
+def collect(folder: Path) -> dict:
+    """Here: decode the GPU's streams on this CPU and compare with the CPU's own decodes."""
+    expected = json.loads((STREAMS / "expected.json").read_text())
+    report = {}
+    for key, array in np.load(folder / "gpu_streams.npz").items():
+        codec = load_codec(key[:-len(".bin")].rsplit("-", 1)[0].replace("_", ":"), device="cpu")
+        got = _decodes(codec, array.tobytes())
+        report[key] = {k: got[k] == v for k, v in expected[key].items()}
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["prepare", "check", "train", "collect"])
+    p.add_argument("folder", nargs="?", type=Path, help="check/train: where results go; collect: what came back")
+    p.add_argument("--data", default=str(HERE / ".gpu" / "photos"))
+    p.add_argument("--content-minutes", type=float, default=5.0)
+    p.add_argument("--diffusion-minutes", type=float, default=1.5)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cuda", help="train: where (cpu for a dry run)")
+    args = p.parse_args(argv)
+    if args.action == "prepare":
+        prepare()
+    elif args.action == "check":
+        args.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            report = check(args.folder)
+        except Exception:  # noqa: BLE001 - the training must still run; the trace comes back
+            report = {"error": traceback.format_exc()}
+        (args.folder / "device_check.json").write_text(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1))
+    elif args.action == "train":
+        train(args.folder, args.data, args.content_minutes, args.diffusion_minutes, args.batch, args.device)
+    else:
+        print(json.dumps(collect(args.folder), indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
