@@ -29,18 +29,11 @@ from PIL import Image
 
 from pipeline.shards import Sample, write_shard
 
+from .sample_images import photo_like
+
 RCLONE = Path(sys.executable).with_name("rclone")
 S3_ENV = {"AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
 SIZES = [(24, 40), (40, 24), (32, 32), (48, 56), (64, 64), (36, 52)]
-
-
-def photo_like(height: int, width: int, seed: int) -> np.ndarray:
-    """Smooth gradients plus a little noise: compresses like a photo, unlike pure noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
-    noise = rng.normal(0, 6, (height, width, 3))
-    return np.clip(base + noise + rng.integers(0, 50), 0, 255).astype(np.uint8)
 
 
 def encoded(img: np.ndarray, fmt: str) -> bytes:

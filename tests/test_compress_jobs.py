@@ -72,7 +72,7 @@ def test_ray_job_submit_end_to_end(ray_head, weights_dir, tmp_path):
         [str(RAY), "job", "submit", "--address", address, "--working-dir", str(REPO),
          "--runtime-env-json", json.dumps(runtime_env), "--",
          sys.executable, "-m", "jobs.compress_bucket", "--input", str(data.folder), "--output", str(output),
-         "--codec", "uqdm-tiny", "--actors", "1", "--batch-size", "3"],
+         "--codec", "uqdm-test", "--actors", "1", "--batch-size", "3"],
         env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "images             4" in result.stdout
@@ -86,7 +86,7 @@ def test_stopped_halfway_then_rerun_gives_one_row_per_image(weights_dir, private
     _split_shards(data.folder)
     output = tmp_path / "out"
     command = [sys.executable, "-m", "jobs.compress_bucket", "--input", str(data.folder),
-               "--output", str(output), "--codec", "uqdm-tiny", "--actors", "1", "--batch-size", "1"]
+               "--output", str(output), "--codec", "uqdm-test", "--actors", "1", "--batch-size", "1"]
     env = job_env(weights_dir, private_ray_root)
     first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240

@@ -29,13 +29,13 @@ def comparable(rows: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, s3_server, local_ray, caplog_module):  # noqa: F811
-    dataset = build_dataset(tmp_path_factory.mktemp("in"), n_good=4)
+    dataset = build_dataset(tmp_path_factory.mktemp("in"), n_good=2)
     bucket = open_location("s3://bucket", s3_server.storage_options)
     for tar in sorted(dataset.folder.glob("*.tar")):
         bucket.write_atomic(f"in/{tar.name}", tar.read_bytes())
     local_out = tmp_path_factory.mktemp("local")
-    run_compress(CompressConfig(str(dataset.folder), str(local_out), "uqdm-tiny", actors=2, batch_size=2))
-    compress_bucket.main(["--input", "s3://bucket/in/", "--output", "s3://bucket/out", "--codec", "uqdm-tiny", "--actors", "2",
+    run_compress(CompressConfig(str(dataset.folder), str(local_out), "uqdm-test", actors=2, batch_size=2))
+    compress_bucket.main(["--input", "s3://bucket/in/", "--output", "s3://bucket/out", "--codec", "uqdm-test", "--actors", "2",
                           "--batch-size", "2", "--storage-options", json.dumps(s3_server.storage_options)])
     return dataset, local_out
 
