@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
 
@@ -19,8 +20,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def two_gpu_nodes(weights_dir):
+def two_gpu_nodes(weights_dir, monkeypatch):
+    """Two Ray nodes with one fake GPU each, in a private temp dir.
+
+    `Cluster` writes the head's address to <Ray's default temp dir>/ray_current_cluster
+    (/tmp/ray/ unless RAY_TMPDIR says otherwise), and fails on a fresh machine where that
+    folder does not exist yet. Pointing RAY_TMPDIR at our own folder, created here, makes it
+    work anywhere, and keeps `ray.init(address="auto")` elsewhere on the machine from
+    finding this test's cluster.
+    """
     temp_dir = private_temp_dir()
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
     node = {"num_cpus": 2, "num_gpus": 1, "object_store_memory": 150 * 1024 * 1024}
     cluster = Cluster(initialize_head=True, head_node_args={
         **node, "gcs_server_port": free_port(), "include_dashboard": False, "temp_dir": temp_dir})
@@ -37,8 +48,8 @@ def two_gpu_nodes(weights_dir):
 def test_one_encoder_per_gpu_on_each_node(two_gpu_nodes, tmp_path, monkeypatch):
     for name, value in S3_ENV.items():
         monkeypatch.setenv(name, value)
-    data = build_dataset(tmp_path / "in", n_good=8, faults=False)
-    summary = run_compress(CompressConfig(str(data.folder), str(tmp_path / "out"), "uqdm-tiny", batch_size=1))
+    data = build_dataset(tmp_path / "in", n_good=6, faults=False)
+    summary = run_compress(CompressConfig(str(data.folder), str(tmp_path / "out"), "uqdm-test", batch_size=1))
     assert len(summary.encoders) == 2
     nodes = {node for encoder in summary.encoders.values() for node in encoder["nodes"]}
     assert len(nodes) == 2, summary.encoders
