@@ -120,11 +120,21 @@ def exp_fixed(d: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ integer layers (torch)
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
            padding: int = 0) -> torch.Tensor:
-    """Integer convolution as im2col + matmul in float64; exact while partial sums stay below 2^53.
+    """Integer convolution in float64; exact while partial sums stay below 2^53.
 
     `weight` (C_out, C_in, k, k) integer-valued float64; `bias` (C_out,) or (B, C_out) in
     accumulator units. Returns the accumulator (B, C_out, H', W').
+
+    An explicit im2col + matmul: every algorithm that sums the exact integer products gives
+    the exact integer, but Winograd and FFT convolutions do not (cuDNN may pick them). On a
+    CPU, PyTorch's float64 convolution is this same im2col + GEMM (oneDNN, NNPACK and
+    XNNPACK take no float64), twice as fast as spelling it out (measured), so it is used there.
     """
+    if x.device.type == "cpu":
+        acc = F.conv2d(x, weight, stride=stride, padding=padding)
+        if bias is not None:
+            acc = acc + (bias[:, :, None, None] if bias.dim() == 2 else bias[None, :, None, None])
+        return acc
     b, _, h, w = x.shape
     c_out, _, k, _ = weight.shape
     h_out, w_out = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
