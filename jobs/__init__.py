@@ -2,7 +2,7 @@
 
     compress_bucket  -> pipeline.compress.run_compress
     decode           -> pipeline.archive.decode_archive
-    evaluate         -> model.classical.compare_codecs
+    evaluate         -> model.evaluation.evaluate, model.report.write_report
     import_uqdm      -> model.uqdm.importer.import_checkpoint
     train            -> model.cdc.train.fit
 """
