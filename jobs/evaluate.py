@@ -19,12 +19,8 @@ each comparison stays within one set. What each metric and set is: model/evaluat
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 import sys
-
-import torch
 
 from jobs._cli import setup_logging
 from model.classical import CLASSICAL
@@ -67,11 +63,6 @@ def main(argv: list[str] | None = None) -> dict:
                         device=args.device, threads=args.threads or None)
     report = evaluate(load_images(args.images), settings)
     report["command"] = "python -m jobs.evaluate " + shlex.join(argv)
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    report["machine"] = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} on {device}"
-                         + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else "")
-                         + f" with {settings.threads or torch.get_num_threads()} CPU thread(s), load average "
-                         f"{report['load_average']['start']:.1f} at the start, {report['load_average']['end']:.1f} at the end")
     write_report(report, args.out)
     print(markdown(report))
     return report

@@ -38,6 +38,7 @@ import glob
 import logging
 import math
 import os
+import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -272,7 +273,15 @@ def _evaluate(images: dict[str, np.ndarray], settings: Settings) -> dict:
             "bd_rate": bd_rate_table(curves),
             "wall_s": {"learned": learned_s, "total": time.perf_counter() - started},
             "cpu_s": time.process_time() - cpu_started,
-            "load_average": {"start": load_started, "end": os.getloadavg()[0]}}
+            "load_average": {"start": load_started, "end": os.getloadavg()[0]},
+            "machine": _machine(settings)}
+
+
+def _machine(settings: Settings) -> str:
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else ""
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} on {device}{gpu} "
+            f"with {torch.get_num_threads()} CPU thread(s)")
 
 
 def _group_variants(specs: list[str]) -> list[tuple[str, list[str]]]:

@@ -55,9 +55,12 @@ def markdown(report: dict) -> str:
     lines = ["# Rate, distortion and realism", ""]
     if report.get("command"):
         lines += [f"`{report['command']}`", ""]
-    cpu = f" (CPU time {report['cpu_s']:.0f} s, all threads)" if "cpu_s" in report else ""
-    lines += [f"{len(report['images'])} images; wall time {report['wall_s']['total']:.0f} s{cpu}"
-              + (f" on {report['machine']}" if report.get("machine") else "") + ".", "",
+    load = report.get("load_average")
+    lines += [f"{len(report['images'])} images; wall time {report['wall_s']['total']:.0f} s"
+              + (f" (CPU time {report['cpu_s']:.0f} s)" if "cpu_s" in report else "")
+              + (f" on {report['machine']}" if report.get("machine") else "")
+              + (f"; load average {load['start']:.1f} at the start, {load['end']:.1f} at the end" if load else "")
+              + ".", "",
               "Every number is a mean over the images of a set (bpp from the real streams, headers included); "
               "`SWD` is the realism measure: the sliced Wasserstein distance between the patch distributions of "
               f"the originals and the reconstructions ({s['swd']['patch_size']}x{s['swd']['patch_size']} patches, "

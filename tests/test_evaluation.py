@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import pytest
 from PIL import Image
 
 from model.codec import Codec
-from model.evaluation import (Settings, bd_rate, image_set, measure, progressive_curves)
+from model.evaluation import Settings, bd_rate, image_set, measure, progressive_curves
+from model.paths import REPO
 from model.registry import Weights
 from model.report import markdown, write_report
 
@@ -127,13 +130,14 @@ def cli_run(tmp_path_factory) -> tuple[Path, dict]:
     folder = tmp_path_factory.mktemp("evaluate")
     Image.fromarray(sample_image(128)).save(folder / "hopper.png")
     Image.fromarray(sample_image(256)[64:192, 32:224]).save(folder / "hopper-crop.png")
-    from jobs.evaluate import main
-
     out = folder / "out"
-    report = main(["--images", str(folder / "*.png"), "--out", str(out), "--codecs", "cdc-hp128:q1", "cdc-hp128:q4",
-                   "jpeg", "webp", "--steps", "0", "1", "--curve-steps", "1", "--steps-rate", "q4",
-                   "--diffusion-size", "64", "--swd-projections", "32"])
-    return out, report
+    run = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--images", str(folder / "*.png"), "--out", str(out),
+                          "--codecs", "cdc-hp128:q1", "cdc-hp128:q4", "jpeg", "webp", "--steps", "0", "1",
+                          "--curve-steps", "1", "--steps-rate", "q4", "--diffusion-size", "64",
+                          "--swd-projections", "32"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "## BD-rate" in run.stdout  # the Markdown is printed too
+    return out, json.loads((out / "results.json").read_text())
 
 
 def test_cli_writes_every_output(cli_run):
@@ -142,7 +146,7 @@ def test_cli_writes_every_output(cli_run):
         assert (out / name).stat().st_size > 0, name
     for name in ("rd_psnr.png", "rd_msssim.png", "rd_swd.png"):
         assert matplotlib.image.imread(out / name).shape[0] > 100
-    assert json.loads((out / "results.json").read_text())["command"].startswith("python -m jobs.evaluate")
+    assert report["command"].startswith("python -m jobs.evaluate") and report["settings"]["threads"] == 1
 
 
 def test_cli_report_contents(cli_run):
