@@ -64,7 +64,7 @@ def markdown(report: dict) -> str:
               "Every number is a mean over the images of a set (bpp from the real streams, headers included); "
               "`SWD` is the realism measure: the sliced Wasserstein distance between the patch distributions of "
               f"the originals and the reconstructions ({s['swd']['patch_size']}x{s['swd']['patch_size']} patches, "
-              f"means removed, {s['swd']['patches_per_image']} a image, {s['swd']['projections']} projections, "
+              f"means removed, {s['swd']['patches_per_image']} per image, {s['swd']['projections']} projections, "
               f"seed {s['swd']['seed']}; 8-bit levels, lower is more realistic). Seconds are per image.", "",
               "## Image sets", ""]
     lines += _table(["set", "images", "sizes (WxH)", "made as"],
