@@ -50,6 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.add_argument(f"--{f.name.replace('_', '-')}", type=convert, default=default,
                            required=f.name == "name")
     p.add_argument("--preset", default="hp128", choices=sorted(PRESETS))
+    p.add_argument("--lambdas", type=float, nargs="+", help="the rate points' MSE weights (default: the preset's)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
     p.add_argument("--in-process", action="store_true", help="run the loop here, without Ray")
@@ -64,7 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     values["run_dir"] = values.get("run_dir") or str(Path("runs") / args.name / args.stage)
     values.update({k: str(Path(values[k]).resolve()) for k in _PATHS if values.get(k)})
     values["scales"] = tuple(values["scales"])
-    config = TrainConfig(**values, model=PRESETS[args.preset], provenance="python -m jobs.train " + shlex.join(argv))
+    model = PRESETS[args.preset]
+    if args.lambdas:
+        model = dataclasses.replace(model, lambdas=tuple(args.lambdas))
+    config = TrainConfig(**values, model=model, provenance="python -m jobs.train " + shlex.join(argv))
     if args.in_process:
         model, curve = train(config)
         export(model, curve, config)
