@@ -5,7 +5,8 @@
 
 Locally Ray starts in-process; under `ray job submit` (RAY_ADDRESS set) it joins the
 cluster. With no --input it compresses sample shards made from matplotlib's photos.
-Rerunning resumes: committed shards are skipped.
+Rerunning resumes: committed shards are skipped, and shards that transient failures left
+uncommitted are done again (the run exits with status 3 while any remain; 2 for bad flags).
 """
 
 from __future__ import annotations
