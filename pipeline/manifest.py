@@ -11,12 +11,19 @@ A shard is committed when its manifest exists. Manifest columns `key` to `extras
 contract; three more say what the archive replaced: `source_member` (the image's member
 name, e.g. "jpg"), `source_mode` (the conversion applied to reach RGB, from
 model.images.decode_image) and `source_bytes` (size of the original image member).
+Each manifest's Parquet key-value metadata `diffpress.shard` holds, as JSON, the shard's
+source URL and totals (images, pixels, bytes, errors by category): a resumed run learns
+what is committed, and from where, from one listing and each manifest's footer.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+import json
+import posixpath
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,6 +62,92 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
+SHARD_METADATA_KEY = b"diffpress.shard"
+FOOTER_BYTES = 64 << 10  # read from a manifest's end to find its footer; more only if it is larger
+
+
+@dataclass
+class ShardTotals:
+    """What a committed shard holds, summed."""
+
+    images: int = 0
+    pixels: int = 0
+    source_bytes: int = 0
+    compressed_bytes: int = 0
+    errors: Counter = field(default_factory=Counter)  # by category
+
+    def add(self, pixels: int, source_bytes: int, compressed_bytes: int) -> None:
+        """Count one image."""
+        self.images += 1
+        self.pixels += pixels
+        self.source_bytes += source_bytes
+        self.compressed_bytes += compressed_bytes
+
+    def __iadd__(self, other: ShardTotals) -> ShardTotals:
+        self.images += other.images
+        self.pixels += other.pixels
+        self.source_bytes += other.source_bytes
+        self.compressed_bytes += other.compressed_bytes
+        self.errors.update(other.errors)
+        return self
+
+    def to_json(self) -> dict:
+        return {"images": self.images, "pixels": self.pixels, "source_bytes": self.source_bytes,
+                "compressed_bytes": self.compressed_bytes, "errors": dict(self.errors)}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> ShardTotals:
+        return cls(data["images"], data["pixels"], data["source_bytes"], data["compressed_bytes"],
+                   Counter(data["errors"]))
+
+
+@dataclass
+class CommittedShard:
+    source_url: str | None  # None: an old manifest of no rows, whose source is not recorded
+    totals: ShardTotals
+
+
+def shard_metadata(source_url: str, totals: ShardTotals) -> dict[bytes, bytes]:
+    """The manifest's key-value metadata: where the shard came from and what it holds."""
+    return {SHARD_METADATA_KEY: json.dumps({"source_url": source_url, "totals": totals.to_json()}).encode()}
+
+
+def read_committed(location: Location) -> dict[str, CommittedShard]:
+    """Every committed shard of the archive, by name: one listing of manifest/, then the
+    last FOOTER_BYTES of each manifest (concurrent requests where the filesystem can),
+    never their rows; manifests written before the metadata existed are read whole."""
+    sizes = location.sizes(MANIFEST_DIR, ".parquet")
+    committed = {}
+    for path, tail in zip(sizes, location.read_tails(sizes, FOOTER_BYTES)):
+        name = posixpath.basename(path)[:-len(".parquet")]
+        committed[name] = _from_footer(tail, location, path) or _from_rows(location, name)
+    return committed
+
+
+def _from_footer(tail: bytes, location: Location, path: str) -> CommittedShard | None:
+    try:
+        metadata = pq.read_metadata(pa.BufferReader(tail)).metadata or {}
+    except pa.ArrowInvalid:  # the footer is longer than the tail read
+        metadata = pq.read_metadata(io.BytesIO(location.read(path))).metadata or {}
+    if SHARD_METADATA_KEY not in metadata:
+        return None
+    shard = json.loads(metadata[SHARD_METADATA_KEY])
+    return CommittedShard(shard["source_url"], ShardTotals.from_json(shard["totals"]))
+
+
+def _from_rows(location: Location, name: str) -> CommittedShard:
+    """Totals of a manifest written before the metadata: from its rows and its errors file."""
+    columns = ["source_url", "width", "height", "length", "source_bytes"]
+    rows = pq.read_table(io.BytesIO(location.read(manifest_path(name))), columns=columns).to_pylist()
+    errors = (pq.read_table(io.BytesIO(location.read(errors_path(name))), columns=["source_url", "reason"]).to_pylist()
+              if location.exists(errors_path(name)) else [])
+    totals = ShardTotals(errors=Counter(e["reason"].split(":", 1)[0].strip() for e in errors))
+    for row in rows:
+        totals.add(row["width"] * row["height"], row["source_bytes"], row["length"])
+    sources = [r["source_url"] for r in rows + errors if r["source_url"]]
+    return CommittedShard(sources[0] if sources else None, totals)
+
+
 def manifest_path(shard: str) -> str:
     return f"{MANIFEST_DIR}/{shard}.parquet"
 
@@ -72,7 +165,10 @@ def to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
 
 
-def write_table(location: Location, relative: str, table: pa.Table) -> None:
+def write_table(location: Location, relative: str, table: pa.Table,
+                metadata: Mapping[bytes, bytes] | None = None) -> None:
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     location.write_atomic(relative, buffer.getvalue())
