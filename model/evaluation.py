@@ -265,6 +265,7 @@ def _evaluate(images: dict[str, np.ndarray], settings: Settings) -> dict:
     learned_s = time.perf_counter() - started
     for key, images_ in sets.items():
         curves += [classical_curve(name, images_, settings.swd) for name in settings.classical]
+    add_bits_vs_anchor(curves)
     return {"settings": asdict(settings),
             "image_sets": {key: s.summary() for key, s in sets.items()},
             "images": list(images),
@@ -386,6 +387,28 @@ def _log_rate_curve(points: list[tuple[float, float]]) -> PchipInterpolator | No
         return None
     qualities = sorted(by_quality)
     return PchipInterpolator(qualities, [float(np.mean(by_quality[q])) for q in qualities])
+
+
+def bits_at_equal_quality(anchor: list[tuple[float, float]], bpp: float, quality: float | None) -> float | None:
+    """One point's bits against `anchor`'s (bpp, quality) curve at the same quality, in percent
+    (negative: fewer bits); None outside the anchor's quality range (never extrapolated)."""
+    curve = _log_rate_curve(anchor)
+    if curve is None or quality is None or not curve.x[0] <= quality <= curve.x[-1]:
+        return None
+    return float(100 * (bpp / math.exp(curve(quality)) - 1))
+
+
+def add_bits_vs_anchor(curves: list[dict], anchor: str = "jpeg") -> None:
+    """Give every learned point `bits_vs_<anchor>`: {metric: bits_at_equal_quality} for PSNR and
+    MS-SSIM, against the anchor's curve on the same image set (the per-rate form of BD-rate)."""
+    for curve in curves:
+        ref = next((c for c in curves if c["name"] == anchor and c["image_set"] == curve["image_set"]), None)
+        if curve["kind"] != "learned" or ref is None:
+            continue
+        for point in curve["points"]:
+            point[f"bits_vs_{anchor}"] = {
+                metric: bits_at_equal_quality([(p["bpp"], p[metric]) for p in ref["points"]], point["bpp"],
+                                              point[metric]) for metric in ("psnr", "msssim_db")}
 
 
 def bd_rate_table(curves: list[dict]) -> list[dict]:

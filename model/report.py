@@ -98,13 +98,24 @@ def markdown(report: dict) -> str:
                           _cell(r["swd"], ".3f"), _cell(r["decode_s"], ".3f")] for r in table["rows"]]) + [""]
     for kind, title in (("learned", "Learned codecs"), ("classical", "Classical codecs")):
         lines += [f"## {title}", ""]
+        if kind == "learned":
+            lines += ["`bits vs JPEG`: the point's bits against JPEG's at the same PSNR / MS-SSIM on the same set "
+                      "(negative = fewer; n/a = outside JPEG's measured range).", ""]
         rows = [[c["label"], c["image_set"], _setting(p), _cell(p["bpp"], ".4f"),
                  _cell(p["psnr"], ".2f", "lossless" if p["lossless"] else "inf"), _cell(p["msssim"], ".4f"),
                  _cell(p["swd"], ".3f"), _cell(p["encode_s"], ".3f"), _cell(p["decode_s"], ".3f")]
+                + ([_versus(p.get("bits_vs_jpeg"))] if kind == "learned" else [])
                 for c in report["curves"] if c["kind"] == kind for p in c["points"]]
-        lines += _table(["curve", "set", "setting", "bpp", "PSNR", "MS-SSIM", "SWD", "encode s", "decode s"], rows)
+        lines += _table(["curve", "set", "setting", "bpp", "PSNR", "MS-SSIM", "SWD", "encode s", "decode s"]
+                        + (["bits vs JPEG (PSNR / MS-SSIM)"] if kind == "learned" else []), rows)
         lines += [""]
     return "\n".join(lines)
+
+
+def _versus(bits: dict | None) -> str:
+    if not bits:
+        return "n/a"
+    return " / ".join(_cell(bits[m], "+.1f") + "%" * (bits[m] is not None) for m in ("psnr", "msssim_db"))
 
 
 # ----------------------------------------------------------------------------- plots

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from model.codec import Codec
-from model.evaluation import Settings, bd_rate, image_set, measure, progressive_curves
+from model.evaluation import Settings, bd_rate, bits_at_equal_quality, image_set, measure, progressive_curves
 from model.paths import REPO
 from model.registry import Weights
 from model.report import markdown, write_report
@@ -51,6 +51,15 @@ def test_bd_rate_is_none_without_overlap_or_points():
     assert bd_rate(low, high) is None
     assert bd_rate(curve(RATES), curve([0.5])) is None
     assert bd_rate(curve(RATES), [(0.5, None), (1.0, math.inf)]) is None
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.8, 1.25])
+def test_bits_at_equal_quality_of_a_point_on_a_scaled_curve(scale):
+    for rate in (0.1, 0.33, 1.0):  # anchor points and between them
+        assert bits_at_equal_quality(curve(RATES), rate * scale, quality(rate)) == pytest.approx(
+            100 * (scale - 1), abs=0.5)
+    assert bits_at_equal_quality(curve(RATES), 0.01, quality(0.001)) is None  # outside the anchor: not guessed
+    assert bits_at_equal_quality(curve(RATES), 0.5, None) is None
 
 
 def test_image_sets():
