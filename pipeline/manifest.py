@@ -16,6 +16,7 @@ model.images.decode_image) and `source_bytes` (size of the original image member
 from __future__ import annotations
 
 import io
+import posixpath
 from collections.abc import Iterable
 
 import pyarrow as pa
@@ -87,6 +88,23 @@ def read_tables(location: Location, folder: str, schema: pa.Schema) -> pa.Table:
 
 def read_manifests(location: Location) -> pa.Table:
     return read_tables(location, MANIFEST_DIR, MANIFEST_SCHEMA)
+
+
+def committed_shards(location: Location) -> list[str]:
+    """Names of the committed shards (those with a manifest), sorted."""
+    suffix = ".parquet"
+    return [posixpath.basename(path)[:-len(suffix)] for path in location.list(MANIFEST_DIR, suffix)]
+
+
+def read_manifest(location: Location, shard: str, columns: list[str] | None = None) -> pa.Table:
+    """One shard's manifest (only `columns`, when given)."""
+    return pq.read_table(io.BytesIO(location.read(manifest_path(shard))), schema=MANIFEST_SCHEMA, columns=columns)
+
+
+def manifest_rows_count(location: Location, shard: str) -> int:
+    """Rows in a shard's manifest, from the Parquet footer alone."""
+    with location.fs.open(location.path(manifest_path(shard)), "rb") as file:
+        return pq.read_metadata(file).num_rows
 
 
 def read_errors(location: Location) -> pa.Table:
