@@ -5,7 +5,8 @@
 
 Locally Ray starts in-process; under `ray job submit` (RAY_ADDRESS set) it joins the
 cluster. With no --input it compresses sample shards made from matplotlib's photos.
-Rerunning resumes: committed shards are skipped.
+Rerunning resumes: committed shards are skipped, and shards that transient failures left
+uncommitted are done again (the run exits with status 3 while any remain; 2 for bad flags).
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import json
 import sys
 
 from jobs._cli import setup_logging
-from pipeline.compress import CompressConfig, connect_ray, run_compress
+from pipeline.compress import CompressConfig, ConfigError, connect_ray, run_compress
 from pipeline.samples import build_sample_shards
 
 DEFAULT_CODEC = "cdc-hp128"  # shipped in model/weights/; uqdm-tiny-exact needs jobs.import_uqdm first
 DEFAULT_OUTPUT = "out/compress_bucket"
 SAMPLE_SHARDS = "out/sample_shards"
+INCOMPLETE = 3  # exit status when shards were left uncommitted by transient failures (rerun to retry)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.compress_bucket", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="shard folder, glob, tar URL, or a comma-separated list of them "
@@ -33,22 +35,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-actor", type=float, help="GPUs per encoder (default: 1 if the cluster has GPUs)")
     parser.add_argument("--actors", type=int, help="encoder actors (default: one per GPU, else one per CPU)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per encode call (default: 4)")
-    parser.add_argument("--storage-options", type=json.loads, default={},
+    parser.add_argument("--storage-options", type=_json_object, default={},
                         help='fsspec options as JSON, e.g. \'{"endpoint_url": "...", "key": "...", "secret": "..."}\'')
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None  # never echo the text: credentials
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object (name: value) is needed, got a {type(value).__name__}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args = parse_args(argv)
-    inputs = args.input or str(build_sample_shards(SAMPLE_SHARDS))
-    config = CompressConfig(inputs=inputs, output=args.output, codec=args.codec, actors=args.actors,
-                            gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
-                            storage_options=args.storage_options)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = CompressConfig(inputs=args.input or SAMPLE_SHARDS, output=args.output, codec=args.codec, actors=args.actors,
+                                gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
+                                storage_options=args.storage_options)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if not args.input:  # built once the flags are known to be right
+        build_sample_shards(SAMPLE_SHARDS)
     connect_ray()
-    summary = run_compress(config)
+    try:
+        summary = run_compress(config)
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(summary.table())
-    return 0
+    return 0 if summary.complete else INCOMPLETE
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 # Refuse images whose header claims more pixels than this before decoding them
 # (decompression bombs); larger photos than this are not a use case.
@@ -79,6 +79,9 @@ def to_rgb8(image: Image.Image) -> tuple[np.ndarray, str]:
 def decode_image(data: bytes) -> tuple[np.ndarray, str]:
     """Decode encoded image bytes (PNG, JPEG, WebP, ...) to HxWx3 uint8 and a conversion note.
 
+    The note says only what was done: the conversion to RGB, "(EXIF orientation N applied)"
+    when an Orientation tag other than 1 turned the image, "(first of N frames)" for an
+    animation or a multi-page file, of which only the first frame is kept.
     Raises ImageDecodeError with the reason for empty, corrupt, truncated or oversized inputs.
     """
     if not data:
@@ -91,17 +94,23 @@ def decode_image(data: bytes) -> tuple[np.ndarray, str]:
                 if width * height > MAX_DECODED_PIXELS:
                     raise ImageDecodeError("decompression bomb",
                                            f"{width}x{height} exceeds {MAX_DECODED_PIXELS} pixels")
+                frames = getattr(image, "n_frames", 1)
                 image.load()
-                oriented = ImageOps.exif_transpose(image)
-                array, note = to_rgb8(oriented)
+                # Pillow 13 returns a copy from exif_transpose even when it turns nothing, so
+                # whether the image was turned is read from the Orientation tag itself.
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+                turned = orientation in range(2, 9)
+                array, note = to_rgb8(ImageOps.exif_transpose(image) if turned else image)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError("decompression bomb", str(exc)) from exc
     except Exception as exc:  # Pillow raises many types for bad data; all mean "not an image"
         raise ImageDecodeError("cannot decode image", f"{type(exc).__name__}: {exc}") from exc
-    if oriented is not image:
-        note += " (EXIF orientation applied)"
+    if turned:
+        note += f" (EXIF orientation {orientation} applied)"
+    if frames > 1:
+        note += f" (first of {frames} frames)"
     return array, note
 
 

@@ -1,7 +1,7 @@
 """Data plane: shards in object storage -> Ray -> bitstreams + Parquet manifests, and back.
 
-    storage    fsspec locations: shard listing, atomic writes, credential redaction
-    shards     webdataset tar reading/writing, samples grouped by key, MemberError
+    storage    fsspec locations: shard listing, atomic (streamed) writes, credential redaction
+    shards     webdataset tars read as a stream (plain or compressed), samples by key, MemberError
     manifest   the archive layout and its Parquet schemas (manifest, errors)
     stages     decode / encode / commit work, Ray-free (each testable alone)
     compress   the Ray orchestration behind jobs.compress_bucket (actors, retries, summary)

@@ -43,8 +43,7 @@ import torch
 
 from model import BitstreamError, Codec, load_codec
 
-from .manifest import (DATA_DIR, JOB_FILE, SUCCESS_FILE, committed_shards, manifest_rows_count,
-                       read_manifest)
+from .manifest import DATA_DIR, JOB_FILE, SUCCESS_FILE, CommittedShard, read_committed, read_manifest
 from .storage import open_location, shard_name
 
 log = logging.getLogger(__name__)
@@ -74,18 +73,25 @@ class Archive:
 
     # ------------------------------------------------------------------ shards and their records
     @cached_property
-    def _shards(self) -> list[str]:
-        shards = committed_shards(self.location)
+    def _committed(self) -> dict[str, CommittedShard]:
+        """The committed shards by name (one listing, one footer each), checked against _SUCCESS."""
+        committed = dict(sorted(read_committed(self.location).items()))
+        shards = list(committed)
         success = self._success
         if success is None:
             log.warning("%s has no %s: its compress run is still going or stopped early; reading the %d shards "
                         "committed so far", self.url, SUCCESS_FILE, len(shards))
-        elif len(shards) < success.get("shards", 0):
+        elif len(shards) < success.get("archive_shards", success.get("shards", 0)):  # "shards": older runs
             expected = {shard_name(url) for url in self.job.get("inputs", [])}
             missing = sorted(expected - set(shards)) or ["(unknown names)"]
-            self._incomplete(f"{SUCCESS_FILE} counts {success['shards']} shards but only {len(shards)} manifests "
+            counted = success.get("archive_shards", success.get("shards"))
+            self._incomplete(f"{SUCCESS_FILE} counts {counted} shards but only {len(shards)} manifests "
                              f"are present; missing: {', '.join(missing[:10])}")
-        return shards
+        return committed
+
+    @property
+    def _shards(self) -> list[str]:
+        return list(self._committed)
 
     def shards(self) -> list[str]:
         """The committed shards (those with a manifest), by name."""
@@ -110,7 +116,7 @@ class Archive:
     def shard_sizes(self, shards: Sequence[str] | None = None) -> dict[str, int]:
         """Images per shard (all committed shards by default), read from the Parquet footers only."""
         names = self.shards() if shards is None else self._known(shards)
-        sizes = dict(zip(names, _parallel(lambda s: manifest_rows_count(self.location, s), names)))
+        sizes = {name: self._committed[name].rows for name in names}
         if shards is None:
             self._check_images(sum(sizes.values()))
         return sizes

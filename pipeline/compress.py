@@ -3,11 +3,17 @@
 Why Ray core rather than Ray Data: outputs are written per shard (one blob + one manifest),
 so every image of a shard must meet again after encoding. Here the driver tracks, per
 shard, which batches are out and commits the shard the moment its last batch is back, with
-bounded prefetch; only small objects (counts) pass through the driver.
+bounded prefetch; only small objects (object refs, counts, reasons) pass through the driver.
 
-    decode_shard  (task, generator)  reads one tar, yields ShardInfo then DecodedBatches
+    decode_shard  (task, generator)  streams one tar, yields DecodedBatches
     Encoder       (actor, 1 GPU if the cluster has GPUs, else 1 CPU) holds one codec
-    commit        (task)             writes data/, errors/, then manifest/ for a shard
+    commit        (task)             streams data/, then errors/, then manifest/ for a shard
+
+Nothing lost: a shard is committed only when every image was encoded or has a final error
+(the input's fault). A transient failure (an encoder that died on every retry, storage, a
+codec error) leaves the shard uncommitted: the summary says which and why, _SUCCESS is not
+written, and a rerun of the same command does it again. A committed shard is skipped only
+if its manifest records the same source URL: another shard under the same name is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import logging
 import os
 import platform
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -27,8 +33,8 @@ from tqdm import tqdm
 from model import load_codec
 
 from . import stages
-from .manifest import JOB_FILE, SUCCESS_FILE, manifest_path, read_errors, read_manifests
-from .storage import Location, Shard, list_shards, open_location, redact
+from .manifest import JOB_FILE, SUCCESS_FILE, CommittedShard, ShardTotals, read_committed
+from .storage import Location, Shard, list_shards, open_location, redact, redact_url, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,13 @@ ARCHIVE_FORMAT = "diffpress-archive/1"
 # credentials: those travel only in storage options.
 PASSED_ENV = ("DIFFPRESS_WEIGHTS", "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
 ENCODES_PER_ACTOR = 2  # one running, one queued, so an actor never waits for the driver
+ENCODER_RETRIES = 3    # an encode call is retried this often on an encoder that died
+COMMIT_FETCH = 8       # encoded batches a commit holds at once
+REASONS_KEPT = 5       # per uncommitted shard, in the summary
+
+
+class ConfigError(ValueError):
+    """The run cannot start as asked (flags, resources, an archive it would corrupt)."""
 
 
 @dataclass
@@ -50,18 +63,48 @@ class CompressConfig:
     batch_size: int = 4
     storage_options: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        problems = []
+        if not self.inputs:
+            problems.append("inputs (--input): give at least one shard, folder or glob")
+        if not self.output:
+            problems.append("output (--output): give the archive's URL")
+        if self.actors is not None and (isinstance(self.actors, bool) or not isinstance(self.actors, int)
+                                        or self.actors < 1):
+            problems.append(f"actors (--actors) must be a whole number >= 1 (or unset: one per GPU, else one per "
+                            f"CPU), got {self.actors!r}")
+        if self.gpus_per_actor is not None and not (isinstance(self.gpus_per_actor, (int, float))
+                                                    and 0 <= self.gpus_per_actor < float("inf")):
+            problems.append(f"gpus_per_actor (--gpus-per-actor) must be a number >= 0 (0: encode on CPUs), got "
+                            f"{self.gpus_per_actor!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            problems.append(f"batch_size (--batch-size) must be a whole number >= 1, got {self.batch_size!r}")
+        if not isinstance(self.storage_options, Mapping):
+            problems.append(f"storage_options (--storage-options) must be a JSON object (name: value), got "
+                            f"{type(self.storage_options).__name__}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
     def public(self) -> dict:
-        """The config as it may be logged or stored: credentials redacted."""
-        return {**asdict(self), "storage_options": redact(self.storage_options)}
+        """The config as it may be logged or stored: credentials redacted, in options and URLs."""
+        inputs = ([redact_url(i) for i in self.inputs] if isinstance(self.inputs, (list, tuple))
+                  else ",".join(redact_url(i) for i in self.inputs.split(",")))
+        return {**asdict(self), "inputs": inputs, "output": redact_url(self.output),
+                "storage_options": redact(self.storage_options)}
 
 
 @dataclass
 class RunSummary:
-    """Totals over the whole archive (every committed shard), plus this run's speed."""
+    """This run's inputs and the archive: totals over every committed shard, this run's speed,
+    and the shards left uncommitted by transient failures (the archive is then incomplete)."""
 
     output: str
-    shards: int
-    shards_skipped: int
+    shards: int                 # this run's input shards
+    shards_skipped: int         # of those, committed before this run
+    shards_committed: int       # of those, committed by this run
+    uncommitted: dict[str, list[str]]  # shard -> why it is not committed (a rerun tries again)
+    complete: bool              # every input the archive ever had is committed: _SUCCESS written
+    archive_shards: int         # committed shards in the archive (also from earlier inputs)
     images: int
     pixels: int
     source_bytes: int
@@ -79,7 +122,8 @@ class RunSummary:
         steady = (f" ({self.steady_megapixels_per_second:.4f} after start-up)"
                   if self.steady_megapixels_per_second else "")
         lines = [f"archive            {self.output}",
-                 f"shards             {self.shards} ({self.shards_skipped} already committed, skipped)",
+                 f"shards             {self.shards} ({self.shards_skipped} already committed, skipped), "
+                 f"{self.shards_committed} committed now, {len(self.uncommitted)} not committed",
                  f"images             {self.images}",
                  f"source bytes       {self.source_bytes}",
                  f"compressed bytes   {self.compressed_bytes}",
@@ -88,6 +132,13 @@ class RunSummary:
                  f"{self.megapixels_per_second:.4f} MP/s{steady}",
                  f"errors             {sum(self.errors_by_reason.values())}"]
         lines += [f"  {reason:<28} {count}" for reason, count in sorted(self.errors_by_reason.items())]
+        if self.uncommitted:
+            lines.append(f"NOT COMMITTED      {len(self.uncommitted)} shards, after transient failures (no "
+                         f"{SUCCESS_FILE}); rerun the same command to retry them:")
+            lines += [f"  {name:<28} {'; '.join(reasons)}" for name, reasons in sorted(self.uncommitted.items())]
+        elif not self.complete:
+            lines.append(f"INCOMPLETE         earlier inputs of this archive are not committed (no {SUCCESS_FILE}); "
+                         "rerun with them to finish it")
         return "\n".join(lines)
 
 
@@ -110,64 +161,91 @@ class Encoder:
         encoded = stages.encode_batch(self.codec, batch)
         stats = {"images": len(encoded.images), "pixels": sum(i.width * i.height for i in encoded.images),
                  "busy_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
-                 **self.identity}
+                 "transient": stages.transient_reasons(encoded), **self.identity}
         return encoded, stats
 
 
 @ray.remote
 def decode_shard(shard: Shard, storage_options: dict, batch_size: int):
-    data = open_location(shard.url, storage_options).read()
-    yield from stages.decode_shard_batches(shard, data, batch_size)
+    yield from stages.read_shard_batches(shard, storage_options, batch_size)
 
 
 @ray.remote(num_cpus=0)  # I/O-bound
-def commit(output: str, storage_options: dict, info: stages.ShardInfo, codec: stages.CodecInfo,
-           *batches: stages.EncodedBatch) -> stages.ShardTotals:
-    return stages.commit_shard(open_location(output, storage_options), info, batches, codec)
+def commit(output: str, storage_options: dict, shard: Shard, codec: stages.CodecInfo,
+           batches: list[ray.ObjectRef]) -> ShardTotals:
+    """Commit a shard; its encoded batches are fetched a few at a time (refs in a list are
+    not resolved by Ray before the call), so the commit holds a few batches, not the shard."""
+    def fetched():
+        for start in range(0, len(batches), COMMIT_FETCH):
+            yield from ray.get(batches[start:start + COMMIT_FETCH])
+    return stages.commit_shard(open_location(output, storage_options), shard, fetched(), codec)
 
 
 @dataclass
 class _ShardProgress:
     shard: Shard
-    info: ray.ObjectRef | None = None
     n_batches: int = 0
     # Decoded batches not yet encoded, by batch number; dropped once encoded, so a shard's
     # pixels do not stay in the object store until the whole shard is done.
     decoded: dict[int, ray.ObjectRef] = field(default_factory=dict)
     encoded: dict[int, ray.ObjectRef] = field(default_factory=dict)
     decoded_all: bool = False
-    committing: bool = False
+    finished: bool = False      # committing, or given up
+    failures: list[str] = field(default_factory=list)  # transient: the shard will not be committed
 
     @property
-    def ready_to_commit(self) -> bool:
-        return self.decoded_all and not self.decoded and not self.committing
+    def ready(self) -> bool:
+        return self.decoded_all and not self.decoded and not self.finished
 
 
 def run_compress(config: CompressConfig) -> RunSummary:
     """Compress every uncommitted shard of `config.inputs` into the archive at `config.output`.
 
-    Needs a connected Ray (ray.init). Safe to rerun: committed shards are skipped.
+    Needs a connected Ray (ray.init). Safe to rerun: committed shards are skipped, shards
+    left uncommitted by transient failures are done again.
     """
     log.info("compress_bucket config: %s", json.dumps(config.public()))
     shards = list_shards(config.inputs, config.storage_options)
     output = open_location(config.output, config.storage_options)
-    pending = [s for s in shards if not output.exists(manifest_path(s.name))]
+    committed = read_committed(output)  # one listing, one footer per manifest
+    _refuse_other_sources(config, shards, committed)
+    pending = [s for s in shards if s.name not in committed]
     log.info("%d shards, %d already committed", len(shards), len(shards) - len(pending))
     encoders, use_gpus = _start_encoders(config)
     try:
         scheduler = _Scheduler(config, encoders, use_gpus)
         scheduler.prefetch(pending)  # shards decode while the encoders load their codecs
         codec = ray.get(encoders[0].describe.remote())
-        _write_job_file(output, config, codec, shards)  # before any commit: it refuses mixed archives
+        archive_inputs = _write_job_file(output, config, codec, shards)  # before any commit: refuses mixed archives
         if pending:
             output.remove(SUCCESS_FILE)
         scheduler.run(codec)
     finally:  # free the CPUs/GPUs now, even when the run fails, not when handles are collected
         for actor in encoders:
             ray.kill(actor)
-    summary = _summarize(output, config.output, shards, len(shards) - len(pending), scheduler)
-    output.write_atomic(SUCCESS_FILE, json.dumps(asdict(summary), indent=1).encode())
+    summary = _summarize(config, shards, committed, scheduler, archive_inputs)
+    if summary.complete:
+        output.write_atomic(SUCCESS_FILE, json.dumps(asdict(summary), indent=1).encode())
+    else:
+        output.remove(SUCCESS_FILE)
+        log.error("%d shards not committed after transient failures; rerun the same command to retry them: %s",
+                  len(summary.uncommitted), ", ".join(sorted(summary.uncommitted)))
     return summary
+
+
+def _refuse_other_sources(config: CompressConfig, shards: list[Shard],
+                          committed: dict[str, CommittedShard]) -> None:
+    """A committed shard stands for its source only: another input under its name is refused,
+    not skipped (its images would be lost) nor written over (the archive's would be)."""
+    clashes = [(shard, committed[shard.name].source_url) for shard in shards if shard.name in committed
+               and committed[shard.name].source_url is not None
+               and redact_url(committed[shard.name].source_url) != shard.public_url]
+    if clashes:
+        lines = [f"  {shard.name}: committed from {source}, this run's input is {shard.public_url}"
+                 for shard, source in clashes]
+        raise ConfigError(f"{redact_url(config.output)} already holds shards of the same names from other sources "
+                          "(outputs are named after the shard file's name):\n" + "\n".join(lines)
+                          + "\nWrite to another --output, or rename these inputs.")
 
 
 def _runtime_env() -> dict | None:
@@ -177,13 +255,19 @@ def _runtime_env() -> dict | None:
 
 def _start_encoders(config: CompressConfig) -> tuple[list, bool]:
     resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0)
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
     per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1 if gpus else 0)
     if per_actor:
         count = config.actors or max(1, int(gpus // per_actor))
     else:
-        count = config.actors or max(1, int(resources.get("CPU", 1)))
-    remote = ray.remote(Encoder).options(num_cpus=1, num_gpus=per_actor, max_restarts=-1, max_task_retries=3,
+        count = config.actors or max(1, int(cpus))
+    # Actors that do not fit would wait for resources forever, and the batches sent to them.
+    if count * per_actor > gpus:
+        raise ConfigError(f"{count} encoders of {per_actor:g} GPU each need {count * per_actor:g} GPUs; the cluster "
+                          f"has {gpus:g}: lower --actors or --gpus-per-actor (0 encodes on CPUs)")
+    if count > cpus:
+        raise ConfigError(f"{count} encoders need a CPU each; the cluster has {cpus:g}: lower --actors")
+    remote = ray.remote(Encoder).options(num_cpus=1, num_gpus=per_actor, max_restarts=-1, max_task_retries=ENCODER_RETRIES,
                                          runtime_env=_runtime_env())
     log.info("starting %d encoder actors (%s GPU each)", count, per_actor)
     return [remote.remote(config.codec, i) for i in range(count)], bool(per_actor)
@@ -208,6 +292,8 @@ class _Scheduler:
         self.queue: deque = deque()       # (progress, batch number) awaiting an encoder
         self.encoding: dict = {}          # stats ref -> (progress, batch number, actor number)
         self.committing: dict = {}        # commit ref -> _ShardProgress
+        self.committed: dict[str, ShardTotals] = {}  # by this run
+        self.uncommitted: dict[str, list[str]] = {}  # shard -> transient failures (a rerun retries)
         self.load = [0] * len(encoders)
         self.stats: dict[str, dict] = {}  # per encoder actor: images, pixels, nodes, devices
         self.started = self.finished_at = self.seconds = 0.0
@@ -248,6 +334,10 @@ class _Scheduler:
     def _dispatch(self) -> None:
         while self.queue and min(self.load) < ENCODES_PER_ACTOR:
             progress, number = self.queue.popleft()
+            if progress.failures:  # the shard will not be committed: encoding the rest is wasted
+                del progress.decoded[number]
+                self._finish_if_ready(progress)
+                continue
             actor = self.load.index(min(self.load))
             encoded, stats = self.encoders[actor].encode.remote(progress.decoded[number])
             progress.encoded[number] = encoded
@@ -276,57 +366,89 @@ class _Scheduler:
         except StopIteration:
             del self.decoding[generator]
             progress.decoded_all = True
-            self._commit_if_ready(progress)
+            self._finish_if_ready(progress)
             return
-        if progress.info is None:
-            progress.info = ref
-        else:
-            number = progress.n_batches
-            progress.n_batches += 1
-            progress.decoded[number] = ref
-            self.queue.append((progress, number))
+        # A decode task that failed past Ray's retries yields its error here; the encode
+        # call it is passed to fails with it, and the shard is left uncommitted.
+        number = progress.n_batches
+        progress.n_batches += 1
+        progress.decoded[number] = ref
+        self.queue.append((progress, number))
 
     def _on_encoded(self, stats_ref) -> None:
         progress, number, actor = self.encoding.pop(stats_ref)
         self.load[actor] -= 1
-        decoded = progress.decoded.pop(number)
+        del progress.decoded[number]
         try:
             stats = ray.get(stats_ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            # The encoder died on this batch on every retry: record it, keep going.
+        except ray.exceptions.RayError as exc:
+            # The encoder died on this batch on every retry (or the batch never decoded):
+            # not the input's fault, so the shard is not committed and a rerun tries again.
             log.error("batch %d of shard %s failed: %s", number, progress.shard.name, exc)
-            progress.encoded[number] = ray.put(stages.failed_batch(
-                ray.get(decoded), "encoder crashed", f"{type(exc).__name__} after retries"))
+            progress.failures.append(f"batch {number}: {_failure(exc)}")
+            del progress.encoded[number]
         else:
-            entry = self.stats.setdefault(str(stats["actor"]), {"images": 0, "pixels": 0, "busy_seconds": 0.0,
-                                                                "cpu_seconds": 0.0, "nodes": [], "devices": []})
-            if self.steady_since is not None:
-                self.steady_pixels += stats["pixels"]
-            self.warm_actors.add(actor)
-            if self.steady_since is None and len(self.warm_actors) == len(self.encoders):
-                self.steady_since = time.monotonic()
-            entry["images"] += stats["images"]
-            entry["pixels"] += stats["pixels"]
-            entry["busy_seconds"] += stats["busy_seconds"]
-            entry["cpu_seconds"] += stats["cpu_seconds"]
-            _add_unique(entry["nodes"], stats["node"])
-            _add_unique(entry["devices"], stats["device"])
-            self.bar.set_postfix(images=sum(e["images"] for e in self.stats.values()), refresh=False)
-        self._commit_if_ready(progress)
+            progress.failures += stats.pop("transient")
+            self._count(actor, stats)
+        self._finish_if_ready(progress)
 
-    def _commit_if_ready(self, progress: _ShardProgress) -> None:
-        if progress.ready_to_commit:
-            progress.committing = True
-            encoded = [progress.encoded[n] for n in sorted(progress.encoded)]
-            ref = self.commit.remote(self.config.output, self.config.storage_options, progress.info, self.codec, *encoded)
-            self.committing[ref] = progress
+    def _count(self, actor: int, stats: dict) -> None:
+        entry = self.stats.setdefault(str(stats["actor"]), {"images": 0, "pixels": 0, "busy_seconds": 0.0,
+                                                            "cpu_seconds": 0.0, "nodes": [], "devices": []})
+        if self.steady_since is not None:
+            self.steady_pixels += stats["pixels"]
+        self.warm_actors.add(actor)
+        if self.steady_since is None and len(self.warm_actors) == len(self.encoders):
+            self.steady_since = time.monotonic()
+        entry["images"] += stats["images"]
+        entry["pixels"] += stats["pixels"]
+        entry["busy_seconds"] += stats["busy_seconds"]
+        entry["cpu_seconds"] += stats["cpu_seconds"]
+        _add_unique(entry["nodes"], stats["node"])
+        _add_unique(entry["devices"], stats["device"])
+        self.bar.set_postfix(images=sum(e["images"] for e in self.stats.values()), refresh=False)
+
+    def _finish_if_ready(self, progress: _ShardProgress) -> None:
+        if not progress.ready:
+            return
+        progress.finished = True
+        if progress.failures:
+            self._give_up(progress, progress.failures)
+            return
+        encoded = [progress.encoded[n] for n in sorted(progress.encoded)]
+        progress.encoded.clear()
+        ref = self.commit.remote(self.config.output, self.config.storage_options, progress.shard, self.codec, encoded)
+        self.committing[ref] = progress
+
+    def _give_up(self, progress: _ShardProgress, reasons: list[str]) -> None:
+        kept = reasons[:REASONS_KEPT] + ([f"... {len(reasons) - REASONS_KEPT} more"]
+                                         if len(reasons) > REASONS_KEPT else [])
+        log.error("shard %s not committed (a rerun retries it): %s", progress.shard.name, "; ".join(kept))
+        self.uncommitted[progress.shard.name] = kept
+        progress.encoded.clear()
+        self.bar.update(1)
 
     def _on_committed(self, ref) -> None:
         progress = self.committing.pop(ref)
-        totals = ray.get(ref)  # a failed write fails the job; the rerun redoes this shard
+        try:
+            totals = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # storage failed: nothing committed, a rerun redoes it
+            self._give_up(progress, [f"commit failed: {_failure(exc)}"])
+            return
+        self.committed[progress.shard.name] = totals
         log.info("committed shard %s: %d images, %d errors", progress.shard.name, totals.images,
                  sum(totals.errors.values()))
         self.bar.update(1)
+
+
+def _failure(exc: ray.exceptions.RayError) -> str:
+    """One line about a failed Ray call, without its traceback."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        return f"{exc.function_name} raised {type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return f"encoder crashed ({type(exc).__name__}, after {ENCODER_RETRIES} retries)"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
 
 
 def _add_unique(values: list, value) -> None:
@@ -334,21 +456,24 @@ def _add_unique(values: list, value) -> None:
         values.append(value)
 
 
-def _write_job_file(output: Location, config: CompressConfig, codec: stages.CodecInfo, shards: list[Shard]) -> None:
-    """Record what made the archive; refuse to mix codecs or weights in one archive."""
-    inputs = [s.url for s in shards]
+def _write_job_file(output: Location, config: CompressConfig, codec: stages.CodecInfo,
+                    shards: list[Shard]) -> list[str]:
+    """Record what made the archive; refuse to mix codecs or weights in one archive.
+    Returns every input the archive was ever given (URLs without credentials)."""
+    inputs = [s.public_url for s in shards]
     if output.exists(JOB_FILE):
         previous = json.loads(output.read(JOB_FILE))
         if (previous["codec"], previous["weights_digest"]) != (codec.name, codec.weights_digest):
-            raise ValueError(
-                f"{config.output} already holds an archive made with {previous['codec']} (weights "
+            raise ConfigError(
+                f"{redact_url(config.output)} already holds an archive made with {previous['codec']} (weights "
                 f"{previous['weights_digest']}); this run uses {codec.name} ({codec.weights_digest}). "
                 "Write to a new --output.")
-        inputs = sorted(set(previous["inputs"]) | set(inputs))
+        inputs = sorted({redact_url(url) for url in previous["inputs"]} | set(inputs))
     job = {"format": ARCHIVE_FORMAT, "codec": codec.name, "weights_digest": codec.weights_digest,
            "progressive": codec.progressive, "config": config.public(), "versions": _versions(),
            "inputs": inputs}
     output.write_atomic(JOB_FILE, json.dumps(job, indent=1).encode())
+    return inputs
 
 
 def _versions() -> dict[str, str]:
@@ -360,16 +485,22 @@ def _versions() -> dict[str, str]:
             "pyarrow": pyarrow.__version__, "python": platform.python_version()}
 
 
-def _summarize(output: Location, url: str, shards: list[Shard], skipped: int, run: _Scheduler) -> RunSummary:
-    manifests, errors = read_manifests(output), read_errors(output)
-    pixels = sum(w * h for w, h in zip(manifests["width"].to_pylist(), manifests["height"].to_pylist()))
-    compressed = sum(manifests["length"].to_pylist())
+def _summarize(config: CompressConfig, shards: list[Shard], before: dict[str, CommittedShard], run: _Scheduler,
+               archive_inputs: list[str]) -> RunSummary:
+    """From the totals the commits returned and the footers read at the start: no manifest is read."""
+    totals = ShardTotals()
+    for committed in [c.totals for c in before.values()] + list(run.committed.values()):
+        totals += committed
+    committed_names = set(before) | set(run.committed)
     run_pixels = sum(e["pixels"] for e in run.stats.values())
     return RunSummary(
-        output=url, shards=len(shards), shards_skipped=skipped, images=manifests.num_rows, pixels=pixels,
-        source_bytes=sum(manifests["source_bytes"].to_pylist()), compressed_bytes=compressed,
-        bpp=8 * compressed / pixels if pixels else 0.0,
-        errors_by_reason=dict(Counter(errors["category"].to_pylist())),
+        output=redact_url(config.output), shards=len(shards), shards_skipped=sum(s.name in before for s in shards),
+        shards_committed=len(run.committed), uncommitted=dict(sorted(run.uncommitted.items())),
+        complete=all(shard_name(url) in committed_names for url in archive_inputs),
+        archive_shards=len(committed_names), images=totals.images, pixels=totals.pixels,
+        source_bytes=totals.source_bytes, compressed_bytes=totals.compressed_bytes,
+        bpp=8 * totals.compressed_bytes / totals.pixels if totals.pixels else 0.0,
+        errors_by_reason=dict(totals.errors),
         run_images=sum(e["images"] for e in run.stats.values()), run_seconds=run.seconds,
         megapixels_per_second=run_pixels / 1e6 / run.seconds if run.seconds else 0.0,
         steady_megapixels_per_second=run.steady_megapixels_per_second, encoders=run.stats)

@@ -150,10 +150,10 @@ def decode_archive(url: str, to: str, storage_options: Mapping | None = None, ke
         else:
             done[shard] = commit
     log.info("%d shards to decode, %d already decoded", len(todo), len(done))
-    if isinstance(target.fs, LocalFileSystem) and target.exists(PARTIAL_DIR):
-        target.fs.rm(target.path(PARTIAL_DIR), recursive=True)  # what a killed run left half written
+    _clear_partial(target)  # what a killed run left half written
     started = time.monotonic()
     new, failed = _run(config, settings, todo, allow_incomplete, actors, gpus_per_actor) if todo else ({}, {})
+    _clear_partial(target)
     commits = {**done, **new}
     return DecodeSummary(
         output=to, shards=len(selection), shards_skipped=len(done),
@@ -161,6 +161,12 @@ def decode_archive(url: str, to: str, storage_options: Mapping | None = None, ke
         errors=[{"shard": shard, **error} for shard, c in commits.items() for error in c["errors"]],
         failed_shards=failed, run_images=sum(c["written"] for c in new.values()),
         run_seconds=time.monotonic() - started)
+
+
+def _clear_partial(target: Location) -> None:
+    """Remove the local folder of half-written .tar files (no actor is writing when this runs)."""
+    if isinstance(target.fs, LocalFileSystem) and target.exists(PARTIAL_DIR):
+        target.fs.rm(target.path(PARTIAL_DIR), recursive=True)
 
 
 def _run(config: DecodeConfig, settings: dict, todo: dict[str, list[int] | None], allow_incomplete: bool,

@@ -11,13 +11,19 @@ A shard is committed when its manifest exists. Manifest columns `key` to `extras
 contract; three more say what the archive replaced: `source_member` (the image's member
 name, e.g. "jpg"), `source_mode` (the conversion applied to reach RGB, from
 model.images.decode_image) and `source_bytes` (size of the original image member).
+Each manifest's Parquet key-value metadata `diffpress.shard` holds, as JSON, the shard's
+source URL and totals (images, pixels, bytes, errors by category): a resumed run learns
+what is committed, and from where, from one listing and each manifest's footer.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import posixpath
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,6 +62,94 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
+SHARD_METADATA_KEY = b"diffpress.shard"
+FOOTER_BYTES = 64 << 10  # read from a manifest's end to find its footer; more only if it is larger
+
+
+@dataclass
+class ShardTotals:
+    """What a committed shard holds, summed."""
+
+    images: int = 0
+    pixels: int = 0
+    source_bytes: int = 0
+    compressed_bytes: int = 0
+    errors: Counter = field(default_factory=Counter)  # by category
+
+    def add(self, pixels: int, source_bytes: int, compressed_bytes: int) -> None:
+        """Count one image."""
+        self.images += 1
+        self.pixels += pixels
+        self.source_bytes += source_bytes
+        self.compressed_bytes += compressed_bytes
+
+    def __iadd__(self, other: ShardTotals) -> ShardTotals:
+        self.images += other.images
+        self.pixels += other.pixels
+        self.source_bytes += other.source_bytes
+        self.compressed_bytes += other.compressed_bytes
+        self.errors.update(other.errors)
+        return self
+
+    def to_json(self) -> dict:
+        return {"images": self.images, "pixels": self.pixels, "source_bytes": self.source_bytes,
+                "compressed_bytes": self.compressed_bytes, "errors": dict(self.errors)}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> ShardTotals:
+        return cls(data["images"], data["pixels"], data["source_bytes"], data["compressed_bytes"],
+                   Counter(data["errors"]))
+
+
+@dataclass
+class CommittedShard:
+    source_url: str | None  # None: an old manifest of no rows, whose source is not recorded
+    totals: ShardTotals
+    rows: int  # the manifest's rows, from its Parquet footer: the records readers will serve
+
+
+def shard_metadata(source_url: str, totals: ShardTotals) -> dict[bytes, bytes]:
+    """The manifest's key-value metadata: where the shard came from and what it holds."""
+    return {SHARD_METADATA_KEY: json.dumps({"source_url": source_url, "totals": totals.to_json()}).encode()}
+
+
+def read_committed(location: Location) -> dict[str, CommittedShard]:
+    """Every committed shard of the archive, by name: one listing of manifest/, then the
+    last FOOTER_BYTES of each manifest (concurrent requests where the filesystem can),
+    never their rows; manifests written before the metadata existed are read whole."""
+    sizes = location.sizes(MANIFEST_DIR, ".parquet")
+    committed = {}
+    for path, tail in zip(sizes, location.read_tails(sizes, FOOTER_BYTES)):
+        name = posixpath.basename(path)[:-len(".parquet")]
+        committed[name] = _from_footer(tail, location, path) or _from_rows(location, name)
+    return committed
+
+
+def _from_footer(tail: bytes, location: Location, path: str) -> CommittedShard | None:
+    try:
+        footer = pq.read_metadata(pa.BufferReader(tail))
+    except pa.ArrowInvalid:  # the footer is longer than the tail read
+        footer = pq.read_metadata(io.BytesIO(location.read(path)))
+    metadata = footer.metadata or {}
+    if SHARD_METADATA_KEY not in metadata:
+        return None
+    shard = json.loads(metadata[SHARD_METADATA_KEY])
+    return CommittedShard(shard["source_url"], ShardTotals.from_json(shard["totals"]), footer.num_rows)
+
+
+def _from_rows(location: Location, name: str) -> CommittedShard:
+    """Totals of a manifest written before the metadata: from its rows and its errors file."""
+    columns = ["source_url", "width", "height", "length", "source_bytes"]
+    rows = pq.read_table(io.BytesIO(location.read(manifest_path(name))), columns=columns).to_pylist()
+    errors = (pq.read_table(io.BytesIO(location.read(errors_path(name))), columns=["source_url", "reason"]).to_pylist()
+              if location.exists(errors_path(name)) else [])
+    totals = ShardTotals(errors=Counter(e["reason"].split(":", 1)[0].strip() for e in errors))
+    for row in rows:
+        totals.add(row["width"] * row["height"], row["source_bytes"], row["length"])
+    sources = [r["source_url"] for r in rows + errors if r["source_url"]]
+    return CommittedShard(sources[0] if sources else None, totals, len(rows))
+
+
 def manifest_path(shard: str) -> str:
     return f"{MANIFEST_DIR}/{shard}.parquet"
 
@@ -73,7 +167,10 @@ def to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
 
 
-def write_table(location: Location, relative: str, table: pa.Table) -> None:
+def write_table(location: Location, relative: str, table: pa.Table,
+                metadata: Mapping[bytes, bytes] | None = None) -> None:
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     location.write_atomic(relative, buffer.getvalue())
@@ -90,21 +187,9 @@ def read_manifests(location: Location) -> pa.Table:
     return read_tables(location, MANIFEST_DIR, MANIFEST_SCHEMA)
 
 
-def committed_shards(location: Location) -> list[str]:
-    """Names of the committed shards (those with a manifest), sorted."""
-    suffix = ".parquet"
-    return [posixpath.basename(path)[:-len(suffix)] for path in location.list(MANIFEST_DIR, suffix)]
-
-
 def read_manifest(location: Location, shard: str, columns: list[str] | None = None) -> pa.Table:
     """One shard's manifest (only `columns`, when given)."""
     return pq.read_table(io.BytesIO(location.read(manifest_path(shard))), schema=MANIFEST_SCHEMA, columns=columns)
-
-
-def manifest_rows_count(location: Location, shard: str) -> int:
-    """Rows in a shard's manifest, from the Parquet footer alone."""
-    with location.fs.open(location.path(manifest_path(shard)), "rb") as file:
-        return pq.read_metadata(file).num_rows
 
 
 def read_errors(location: Location) -> pa.Table:

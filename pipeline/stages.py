@@ -1,8 +1,13 @@
 """The work of each pipeline stage, as plain functions (Ray-free, so each is testable alone).
 
-    decode_shard_batches   shard bytes -> ShardInfo, then batches of decoded RGB images
+    read_shard_batches     a shard's URL -> batches of decoded RGB images, read as a stream
     encode_batch           a codec turns a batch into bitstreams (failures become errors)
     commit_shard           bitstreams -> data/<shard>.bin, errors/, then manifest/ (the commit)
+
+Errors travel with the batches. An error is final when the input is at fault (damage in
+the tar, an undecodable image), transient otherwise (storage, an encoder that died, a codec
+error on a decodable image): a shard with a transient error is not committed, so that a
+rerun tries it again (pipeline.compress).
 """
 
 from __future__ import annotations
@@ -10,21 +15,28 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import BinaryIO, Generic, TypeVar
 
 import numpy as np
+import pyarrow as pa
 
 from model import Codec, ImageDecodeError, decode_image
 
-from .manifest import (ERRORS_SCHEMA, MANIFEST_SCHEMA, data_path, errors_path, manifest_path, to_table,
-                       write_table)
-from .shards import MemberError, read_shard
-from .storage import Location, Shard
+from .manifest import (ERRORS_SCHEMA, MANIFEST_SCHEMA, ShardTotals, data_path, errors_path, manifest_path,
+                       shard_metadata, to_table, write_table)
+from .shards import READ_SIZE, MemberError, Sample, iter_shard
+from .storage import Location, Shard, open_location, redact_url
 
 log = logging.getLogger(__name__)
 ImageT = TypeVar("ImageT")
+READ_FAILED = "cannot read shard"
+ROWS_PER_TABLE = 4096  # manifest rows held as dicts before they are turned into columns
+
+
+class TransientFailure(RuntimeError):
+    """A shard cannot be committed now; a rerun will try it again."""
 
 
 @dataclass(frozen=True)
@@ -36,15 +48,6 @@ class CodecInfo:
     progressive: bool
 
 
-@dataclass
-class ShardInfo:
-    """Everything about a shard except its pixels: extras per key, damage found in the tar."""
-
-    shard: Shard
-    extras: dict[str, dict[str, bytes]]
-    errors: list[MemberError]
-
-
 @dataclass(frozen=True)
 class Source:
     """Where an image came from; travels with it from decoding to its manifest row."""
@@ -54,6 +57,7 @@ class Source:
     member: str        # the image member's name, e.g. "jpg"
     mode: str          # the conversion decode_image applied to reach RGB
     size: int          # bytes of the original image member
+    extras: Mapping[str, bytes] = field(default_factory=dict)  # the key's other members, unchanged
 
 
 @dataclass
@@ -83,47 +87,56 @@ DecodedBatch = Batch[DecodedImage]
 EncodedBatch = Batch[EncodedImage]
 
 
-@dataclass
-class ShardTotals:
-    images: int = 0
-    pixels: int = 0
-    source_bytes: int = 0
-    compressed_bytes: int = 0
-    errors: Counter = field(default_factory=Counter)  # by category
+def read_shard_batches(shard: Shard, storage_options: Mapping, batch_size: int) -> Iterator[DecodedBatch]:
+    """decode_shard_batches over the shard's file, streamed from storage. A failure to read
+    it (or any other failure here) ends the shard with a transient error: not its fault."""
+    try:
+        location = open_location(shard.url, storage_options)
+        with location.fs.open(location.root, "rb", block_size=READ_SIZE) as file:
+            yield from decode_shard_batches(file, batch_size)
+    except Exception as exc:  # noqa: BLE001 - storage, or a bug: either way, try again on a rerun
+        log.warning("reading shard %s failed", shard.public_url, exc_info=True)
+        yield DecodedBatch(errors=[MemberError.of("", "", READ_FAILED, f"{type(exc).__name__}: {exc}",
+                                                  transient=True)])
 
 
-def decode_shard_batches(shard: Shard, data: bytes, batch_size: int) -> Iterator[ShardInfo | DecodedBatch]:
-    """Yield the ShardInfo first, then DecodedBatches of at most `batch_size` images."""
-    contents = read_shard(data)
-    errors = list(contents.errors)
-    with_image = []
-    for sample in contents.samples:
-        if sample.image_member is None:
-            found = ", ".join(sample.members) or "nothing"
-            errors.append(MemberError.of(sample.key, found, "no image member", f"found {found}"))
-        else:
-            with_image.append(sample)
-    yield ShardInfo(shard, {s.key: s.extras for s in with_image}, errors)
+def decode_shard_batches(file: BinaryIO, batch_size: int) -> Iterator[DecodedBatch]:
+    """DecodedBatches of at most `batch_size` images, in shard order, with the errors met."""
     batch = DecodedBatch()
-    for index, sample in enumerate(with_image):
-        member = sample.image_member
-        source = sample.members[member]
-        try:
-            pixels, mode = decode_image(source)
-        except ImageDecodeError as exc:
-            batch.errors.append(MemberError(sample.key, member, exc.category, str(exc)))
+    index = 0
+    for item in iter_shard(file):
+        if isinstance(item, MemberError):
+            batch.errors.append(item)
             continue
-        batch.images.append(DecodedImage(Source(sample.key, index, member, mode, len(source)), pixels))
-        if len(batch.images) == batch_size:
+        error = _decode(item, index, batch)
+        index += 1
+        if error is not None:
+            batch.errors.append(error)
+        elif len(batch.images) == batch_size:
             yield batch
             batch = DecodedBatch()
     if batch.images or batch.errors:
         yield batch
 
 
+def _decode(sample: Sample, index: int, batch: DecodedBatch) -> MemberError | None:
+    member = sample.image_member
+    if member is None:
+        found = ", ".join(sample.members) or "nothing"
+        return MemberError.of(sample.key, found, "no image member", f"found {found}")
+    source = sample.members[member]
+    try:
+        pixels, mode = decode_image(source)
+    except ImageDecodeError as exc:
+        return MemberError(sample.key, member, exc.category, str(exc))
+    batch.images.append(DecodedImage(Source(sample.key, index, member, mode, len(source), sample.extras), pixels))
+    return None
+
+
 def encode_batch(codec: Codec, batch: DecodedBatch) -> EncodedBatch:
-    """Encode a batch; if the codec fails on it, retry image by image so one bad input
-    costs one error row, not the batch."""
+    """Encode a batch; if the codec fails on it, retry image by image so one failure costs
+    one error row, not the batch. A codec failing on a decoded image is not the image's
+    fault: that error is transient (the shard is not committed; a rerun tries again)."""
     result = EncodedBatch(errors=list(batch.errors))
     try:
         datas = codec.compress_batch([image.pixels for image in batch.images]) if batch.images else []
@@ -134,9 +147,9 @@ def encode_batch(codec: Codec, batch: DecodedBatch) -> EncodedBatch:
         try:
             data = datas[i] if datas is not None else codec.compress(image.pixels)
             result.images.append(_encoded(codec, image, data))
-        except Exception as exc:  # noqa: BLE001 - recorded as this image's error row
+        except Exception as exc:  # noqa: BLE001 - recorded as this image's error
             result.errors.append(MemberError.of(image.source.key, image.source.member, "encode failed",
-                                                f"{type(exc).__name__}: {exc}"))
+                                                f"{type(exc).__name__}: {exc}", transient=True))
     return result
 
 
@@ -148,40 +161,48 @@ def _encoded(codec: Codec, image: DecodedImage, data: bytes) -> EncodedImage:
     return EncodedImage(image.source, width, height, data, tuple(header.chunk_lengths))
 
 
-def failed_batch(batch: DecodedBatch, category: str, detail: str) -> EncodedBatch:
-    """The result of a batch whose encoder died on every retry: each image gets the error."""
-    return EncodedBatch(errors=list(batch.errors) + [MemberError.of(i.source.key, i.source.member, category, detail)
-                                                     for i in batch.images])
+def transient_reasons(batch: Batch) -> list[str]:
+    """Why this batch's shard must not be committed now (empty: it may be)."""
+    return [f"{error.key or 'shard'}: {error.reason}" for error in batch.errors if error.transient]
 
 
-def commit_shard(output: Location, info: ShardInfo, batches: Sequence[EncodedBatch],
-                 codec: CodecInfo) -> ShardTotals:
+def commit_shard(output: Location, shard: Shard, batches: Iterable[EncodedBatch], codec: CodecInfo) -> ShardTotals:
     """Write the shard's blob, then its errors, then its manifest: the manifest is the commit,
-    so whatever interrupts this leaves the shard uncommitted and a rerun redoes it."""
-    shard = info.shard
-    images = sorted((image for batch in batches for image in batch.images), key=lambda image: image.source.index)
-    errors = list(info.errors) + [error for batch in batches for error in batch.errors]
-    output.write_atomic(data_path(shard.name), b"".join(image.data for image in images))
+    so whatever interrupts this leaves the shard uncommitted and a rerun redoes it.
+
+    `batches` (in shard order) are consumed one at a time: the blob is streamed to storage,
+    and only the manifest's rows (no image bytes) are held. A transient error in a batch
+    raises TransientFailure before the manifest is written, and the blob is discarded.
+    """
+    data_url = redact_url(output.url(data_path(shard.name)))
+    totals, tables, rows, errors, offset = ShardTotals(), [], [], [], 0
+    with output.open_atomic(data_path(shard.name)) as blob:
+        for batch in batches:
+            if transient_reasons(batch):
+                raise TransientFailure(f"shard {shard.name} not committed: {transient_reasons(batch)[0]}")
+            for image in batch.images:
+                blob.write(image.data)
+                rows.append(_manifest_row(image, shard, codec, data_url, offset))
+                offset += len(image.data)
+                totals.add(image.width * image.height, image.source.size, len(image.data))
+            errors += batch.errors
+            if len(rows) >= ROWS_PER_TABLE:  # columns take a tenth of the room of row dicts
+                tables.append(to_table(rows, MANIFEST_SCHEMA))
+                rows = []
+    totals.errors.update(error.category for error in errors)
     write_table(output, errors_path(shard.name), to_table(
-        ({"key": e.key, "source_url": shard.url, "member": e.member, "reason": e.reason, "category": e.category}
-         for e in errors),
-        ERRORS_SCHEMA))
-    write_table(output, manifest_path(shard.name), to_table(
-        _manifest_rows(images, info, codec, output.url(data_path(shard.name))), MANIFEST_SCHEMA))
-    return ShardTotals(images=len(images), pixels=sum(i.width * i.height for i in images),
-                       source_bytes=sum(i.source.size for i in images),
-                       compressed_bytes=sum(len(i.data) for i in images),
-                       errors=Counter(e.category for e in errors))
+        ({"key": e.key, "source_url": shard.public_url, "member": e.member, "reason": e.reason,
+          "category": e.category} for e in errors), ERRORS_SCHEMA))
+    manifest = pa.concat_tables(tables + [to_table(rows, MANIFEST_SCHEMA)])
+    write_table(output, manifest_path(shard.name), manifest, shard_metadata(shard.public_url, totals))
+    return totals
 
 
-def _manifest_rows(images: list[EncodedImage], info: ShardInfo, codec: CodecInfo, data_url: str) -> Iterator[dict]:
-    offset = 0
-    for image in images:
-        source = image.source
-        yield {"key": source.key, "source_url": info.shard.url, "width": image.width, "height": image.height,
-               "codec": codec.name, "weights_digest": codec.weights_digest, "data_url": data_url,
-               "offset": offset, "length": len(image.data), "chunk_lengths": list(image.chunk_lengths),
-               "crc32": zlib.crc32(image.data), "bpp": 8 * len(image.data) / (image.width * image.height),
-               "extras": list(info.extras.get(source.key, {}).items()), "source_member": source.member,
-               "source_mode": source.mode, "source_bytes": source.size}
-        offset += len(image.data)
+def _manifest_row(image: EncodedImage, shard: Shard, codec: CodecInfo, data_url: str, offset: int) -> dict:
+    source = image.source
+    return {"key": source.key, "source_url": shard.public_url, "width": image.width, "height": image.height,
+            "codec": codec.name, "weights_digest": codec.weights_digest, "data_url": data_url,
+            "offset": offset, "length": len(image.data), "chunk_lengths": list(image.chunk_lengths),
+            "crc32": zlib.crc32(image.data), "bpp": 8 * len(image.data) / (image.width * image.height),
+            "extras": list(source.extras.items()), "source_member": source.member,
+            "source_mode": source.mode, "source_bytes": source.size}

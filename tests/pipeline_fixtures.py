@@ -57,6 +57,17 @@ def bomb_png() -> bytes:
     return bytes(data)
 
 
+SECRETS = ["AccountKey=s3cr3t1", "s3cr3t2", "s3cr3t3", "Bearer s3cr3t4", "s3cr3t5", "s3cr3t6", "s3cr3t7"]
+
+
+def secret_options() -> dict:
+    """Credentials under names no fixed list knew, inside a URL, in lists, nested."""
+    return {"connection_string": f"DefaultEndpointsProtocol=https;AccountName=acct;{SECRETS[0]}",
+            "passphrase": SECRETS[1], "endpoint_url": f"https://user:{SECRETS[2]}@store.example:9000",
+            "headers": [["Authorization", SECRETS[3]]], "client_kwargs": {"sas_token": SECRETS[4], "region_name": "r1"},
+            "key": SECRETS[5], "secret": SECRETS[6], "anon": False, "config_kwargs": {"retries": {"max_attempts": 3}}}
+
+
 # Faulty samples and the reason category each must be recorded with.
 FAULTS = {
     "corrupt": ({"jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4}, "cannot decode image"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import time
 from collections import Counter
 
 import duckdb
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -19,14 +21,14 @@ from ray._private import state
 from jobs import decode as decode_job
 from model import decode_image
 from pipeline.archive import Archive, ArchiveError
-from pipeline.compress import CompressConfig, run_compress
+from pipeline.compress import CompressConfig, ConfigError, run_compress
 from pipeline.decode import decode_archive
 from pipeline.loader import ArchiveDataset
 from pipeline.manifest import SUCCESS_FILE, data_path, manifest_path, read_errors, read_manifests
-from pipeline.shards import read_shard
+from pipeline.shards import read_shard, write_shard
 from pipeline.storage import open_location
 
-from .pipeline_fixtures import build_dataset, local_ray  # noqa: F401 - fixture
+from .pipeline_fixtures import SECRETS, build_dataset, good_sample, local_ray, secret_options  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +191,103 @@ def test_killed_encoder_is_replaced_and_every_image_lands_once(tmp_path, local_r
     assert state.actors()[victim]["NumRestarts"] >= 1
     assert Counter(r["key"] for r in manifest_rows(out)) == Counter(list(data.good))
     assert read_errors(open_location(str(out))).num_rows == 0
+
+
+# ---------------------------------------------------------------------- nothing lost, nothing leaked
+def one_shard(folder, name: str, keys: list[str], size=(32, 32)) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.tar"
+    path.write_bytes(write_shard([good_sample(key, i, size=size) for i, key in enumerate(keys)]))
+    return str(path)
+
+
+def test_another_source_under_a_committed_shard_name_is_refused_not_skipped(tmp_path, local_ray):  # noqa: F811
+    """dirA/s.tar then dirB/s.tar into one output: the second used to be skipped (its images
+    never encoded) and _SUCCESS written."""
+    out = tmp_path / "out"
+    first = run_compress(CompressConfig(one_shard(tmp_path / "dirA", "s", ["a0"]), str(out), "uqdm-test", actors=1))
+    assert first.images == 1 and (out / SUCCESS_FILE).exists()
+    with pytest.raises(ConfigError, match=r"(?s)s: committed from file://.*/dirA/s.tar, this run's input is "
+                                          r"file://.*/dirB/s.tar"):
+        run_compress(CompressConfig(one_shard(tmp_path / "dirB", "s", ["b0"]), str(out), "uqdm-test", actors=1))
+    assert [r["key"] for r in manifest_rows(out)] == ["a0"]
+    # The same source again is a resume: skipped, and the archive complete.
+    again = run_compress(CompressConfig(str(tmp_path / "dirA"), str(out), "uqdm-test", actors=1))
+    assert (again.shards_skipped, again.images, again.complete) == (1, 1, True)
+
+
+def live_encoder_pids() -> set[int]:
+    return set(live_encoders().values())
+
+
+@pytest.mark.slow
+def test_transient_encoder_failure_leaves_the_shard_uncommitted_and_a_rerun_encodes_it(tmp_path, local_ray):  # noqa: F811
+    """An encoder killed on a batch on every retry used to turn the batch into permanent
+    'encoder crashed' rows: the shard committed, a rerun skipped it, the images were lost."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    one_shard(folder, "part", ["k0", "k1"], size=(64, 192))  # 3 tiles each: an encode lasts seconds
+    config = CompressConfig(str(folder), str(out), "uqdm-test", actors=1, batch_size=1)
+    result, killed = {}, set()
+    worker = threading.Thread(target=lambda: result.update(summary=run_compress(config)))
+    worker.start()
+    seen: dict[int, float] = {}
+    while worker.is_alive():  # kill every encoder half a second into its life, as long as the run lasts
+        for pid in live_encoder_pids() - killed:
+            if time.monotonic() - seen.setdefault(pid, time.monotonic()) > 0.5:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(0.1)
+    summary = result["summary"]
+    assert not (out / manifest_path("part")).exists() and not (out / SUCCESS_FILE).exists()
+    assert len(killed) >= 4 and not summary.complete and summary.shards_committed == 0
+    assert list(summary.uncommitted) == ["part"] and "encoder crashed" in summary.uncommitted["part"][0]
+    assert "NOT COMMITTED" in summary.table() and "rerun" in summary.table()
+    rerun = run_compress(config)
+    assert rerun.complete and rerun.shards_committed == 1 and rerun.images == 2 and not rerun.errors_by_reason
+    assert sorted(r["key"] for r in manifest_rows(out)) == ["k0", "k1"] and (out / SUCCESS_FILE).exists()
+
+
+def test_a_shard_the_workers_cannot_read_is_not_committed_and_the_run_says_so(tmp_path, local_ray):  # noqa: F811
+    """A memory:// shard exists in this process only: the decode task's read fails, as a
+    storage outage would. That is no fault of the input: no manifest, no _SUCCESS."""
+    fsspec.filesystem("memory").pipe_file("/dp-only-here/lost.tar", write_shard([good_sample("m0", 0)]))
+    out = tmp_path / "out"
+    summary = run_compress(CompressConfig(["memory://dp-only-here/lost.tar", one_shard(tmp_path / "in", "fine", ["f0"])],
+                                          str(out), "uqdm-test", actors=1))
+    assert not summary.complete and summary.shards_committed == 1 and summary.images == 1
+    assert list(summary.uncommitted) == ["lost"]
+    assert "cannot read shard: FileNotFoundError" in summary.uncommitted["lost"][0]
+    assert not (out / manifest_path("lost")).exists() and not (out / SUCCESS_FILE).exists()
+    assert read_errors(open_location(str(out))).num_rows == 0  # nothing recorded as the input's fault
+
+
+def test_no_credential_reaches_the_job_file_the_archive_or_the_log(tmp_path, local_ray, caplog):  # noqa: F811
+    """connection_string, passphrase, a password in endpoint_url, a token in a list of
+    headers used to be written to _job.json and logged in clear."""
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "out"
+    run_compress(CompressConfig(one_shard(tmp_path / "in", "s", ["c0"]), str(out), "uqdm-test", actors=1,
+                                storage_options=secret_options()))
+    secrets = [secret.encode() for secret in SECRETS]
+    leaks = [str(path) for path in out.rglob("*") if path.is_file() and any(s in path.read_bytes() for s in secrets)]
+    leaks += [line for line in caplog.messages if any(s.decode() in line for s in secrets)]
+    leaks += [str(path) for path in local_ray.rglob("*") if path.is_file() and not path.is_symlink()
+              and any(s in _read(path) for s in secrets)]
+    assert leaks == []
+    assert any("compress_bucket config" in line for line in caplog.messages)
+    job = json.loads((out / "_job.json").read_text())
+    assert job["config"]["storage_options"]["endpoint_url"] == "https://***@store.example:9000"
+
+
+def test_encoders_the_cluster_cannot_hold_are_refused(tmp_path, local_ray):  # noqa: F811
+    """Three encoders of one CPU on two CPUs: one would wait forever, and the batches sent to it."""
+    with pytest.raises(ConfigError, match="3 encoders need a CPU each; the cluster has 2"):
+        run_compress(CompressConfig(one_shard(tmp_path / "in", "s", ["x"]), str(tmp_path / "out"), "uqdm-test",
+                                    actors=3))
+
+
+def _read(path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # sockets, files Ray removes while we read
+        return b""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +12,7 @@ import pytest
 from pipeline import stages
 from pipeline.manifest import (MANIFEST_SCHEMA, data_path, errors_path, manifest_path, read_errors, read_manifests,
                                write_table)
-from pipeline.shards import Sample, read_shard, split_member_name, write_shard
+from pipeline.shards import MemberError, Sample, read_shard, split_member_name, write_shard
 from pipeline.storage import Shard, list_shards, open_location, redact
 
 from .pipeline_fixtures import FAULTS, build_dataset, good_sample, middle_of_member
@@ -55,15 +57,13 @@ def test_errors_written_before_the_category_column_read_with_one(tmp_path):
     old = pa.table({"key": ["a"], "source_url": ["file:///s.tar"], "member": ["jpg"],
                     "reason": ["cannot decode image: OSError: broken"]})
     write_table(output, errors_path("old"), old)
-    new = stages.commit_shard(output, stages.ShardInfo(Shard("new", "file:///new.tar"), {}, []),
-                              [stages.failed_batch(stages.DecodedBatch([stages.DecodedImage(
-                                  stages.Source("b", 0, "png", "RGB", 1), np.zeros((1, 1, 3), np.uint8))]),
-                                  "encoder crashed", "RayActorError after retries")],
+    new = stages.commit_shard(output, Shard("new", "file:///new.tar"),
+                              [stages.EncodedBatch(errors=[MemberError.of("b", "png", "decompression bomb", "big")])],
                               stages.CodecInfo("c", "00", False))
-    assert new.errors == {"encoder crashed": 1}
+    assert new.errors == {"decompression bomb": 1}
     rows = sorted(read_errors(output).to_pylist(), key=lambda r: r["key"])
-    assert [(r["key"], r["category"]) for r in rows] == [("a", "cannot decode image"), ("b", "encoder crashed")]
-    assert rows[1]["reason"] == "encoder crashed: RayActorError after retries"
+    assert [(r["key"], r["category"]) for r in rows] == [("a", "cannot decode image"), ("b", "decompression bomb")]
+    assert rows[1]["reason"] == "decompression bomb: big"
 
 
 def test_list_shards_from_folder_glob_and_list(tmp_path):
@@ -104,23 +104,23 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
 
 def test_decode_stage_reports_each_fault_with_its_reason():
     samples = [good_sample("ok", 3)] + [Sample(key, members) for key, (members, _) in FAULTS.items()]
-    items = list(stages.decode_shard_batches(Shard("s", "file:///s.tar"), write_shard(samples), batch_size=8))
-    info, batches = items[0], items[1:]
-    errors = info.errors + [e for b in batches for e in b.errors]
+    batches = list(stages.decode_shard_batches(io.BytesIO(write_shard(samples)), batch_size=8))
+    errors = [e for b in batches for e in b.errors]
     assert {e.key: e.category for e in errors} == {k: r for k, (_, r) in FAULTS.items()}
     assert all(e.reason.startswith(f"{e.category}: ") or e.reason == e.category for e in errors)
+    assert not any(e.transient for e in errors)  # the input's own faults: final
     assert [i.source.key for b in batches for i in b.images] == ["ok"]
-    assert set(info.extras["ok"]) == {"cls", "json"}
+    assert set(batches[0].images[0].source.extras) == {"cls", "json"}
 
 
 def test_commit_writes_blob_errors_then_a_manifest_any_reader_reads(tmp_path, uqdm):
     samples = [good_sample(f"k{i}", i) for i in range(2)] + [Sample("notes", {"txt": b"x"})]
     shard = Shard("s0", "file:///in/s0.tar")
-    items = list(stages.decode_shard_batches(shard, write_shard(samples), batch_size=1))
-    encoded = [stages.encode_batch(uqdm, batch) for batch in items[1:]]
+    items = list(stages.decode_shard_batches(io.BytesIO(write_shard(samples)), batch_size=1))
+    encoded = [stages.encode_batch(uqdm, batch) for batch in items]
     codec = stages.CodecInfo(uqdm.name, uqdm.weights_digest.hex(), uqdm.progressive)
     output = open_location(str(tmp_path))
-    totals = stages.commit_shard(output, items[0], encoded, codec)
+    totals = stages.commit_shard(output, shard, encoded, codec)
     assert totals.images == 2 and totals.errors == {"no image member": 1}
     table = pq.read_table(tmp_path / manifest_path("s0"))
     assert table.schema.equals(MANIFEST_SCHEMA) and read_manifests(output).num_rows == 2
@@ -146,3 +146,4 @@ def test_encode_failure_isolated_to_its_image(uqdm):
     assert [i.source.key for i in result.images] == ["good"]
     assert result.errors[0].key == "bad" and result.errors[0].reason.startswith("encode failed: ")
     assert result.errors[0].category == "encode failed"
+    assert result.errors[0].transient  # a codec failing on a decoded image: not the image's fault

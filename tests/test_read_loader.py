@@ -18,7 +18,7 @@ from .read_fixtures import compress, sample, write_shards
 
 # 5 shards of unequal sizes (16 records), one key in two shards
 SHARDS = {"s0": [sample(f"a{i}", i) for i in range(5)], "s1": [sample(f"b{i}", 10 + i) for i in range(3)],
-          "s2": [sample(f"c{i}", 20 + i) for i in range(4)] + [sample("a0", 99)],
+          "s2": [sample(f"c{i}", 20 + i) for i in range(4)] + [sample("a0", 99, (24, 40))],
           "s3": [sample("d0", 30)], "s4": [sample(f"e{i}", 40 + i) for i in range(2)]}
 RECORDS = Counter((shard, s["__key__"]) for shard, samples in SHARDS.items() for s in samples)
 
