@@ -5,4 +5,5 @@
     evaluate         -> model.evaluation.evaluate, model.report.write_report
     import_uqdm      -> model.uqdm.importer.import_checkpoint
     train            -> model.cdc.train.fit
+    derive_rates     -> model.cdc.train.with_derived_rates
 """

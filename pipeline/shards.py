@@ -86,9 +86,11 @@ class ShardContents:
 
 
 def split_member_name(name: str) -> tuple[str, str]:
-    """'dir/abc.seg.png' -> ('dir/abc', 'seg.png'), as webdataset groups members."""
+    """'dir/abc.seg.png' -> ('dir/abc', 'seg.png'), as webdataset groups members. A leading dot
+    belongs to the key ('.hidden.png' -> ('.hidden', 'png')): a key is never empty."""
     folder, base = posixpath.split(name)
-    stem, dot, extension = base.partition(".")
+    stem, dot, extension = base[1:].partition(".")
+    stem = base[:1] + stem
     return posixpath.join(folder, stem) if folder else stem, extension if dot else ""
 
 

@@ -22,6 +22,7 @@ def test_member_names_split_like_webdataset():
     assert split_member_name("dir/abc.seg.png") == ("dir/abc", "seg.png")
     assert split_member_name("abc.jpg") == ("abc", "jpg")
     assert split_member_name("README") == ("README", "")
+    assert split_member_name("dir/.hidden.png") == ("dir/.hidden", "png")  # never an empty key
 
 
 def test_read_shard_groups_members_and_separates_extras():

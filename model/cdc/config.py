@@ -6,6 +6,7 @@ instead of slipping into a weights file's config and digest.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, fields
 
@@ -38,6 +39,19 @@ class CDCConfig:
     scale_max: float = 64.0
     scale_levels: int = 64
     default_steps: int = 0                # 0: the content path's mean image; > 0: DDIM steps
+    # Rate points past the trained ones, without training: (name, trained rate, k) codes k * y
+    # with that rate's tables and decodes y_hat / k (Cui et al. extend gain units the same way).
+    # Appended after the trained points, so a stream's rate index never changes meaning.
+    derived_rates: tuple[tuple[str, str, float], ...] = ()
+
+    def __post_init__(self):
+        trained = [f"q{i + 1}" for i in range(len(self.lambdas))]
+        for name, source, scale in self.derived_rates:
+            if source not in trained or not scale > 0 or name in trained:
+                raise ValueError(f"derived rate {name!r} must scale a trained rate point ({', '.join(trained)}) "
+                                 f"by a positive factor and have a name of its own; got ({source!r}, {scale!r})")
+        if len(set(self.rate_names)) != len(self.rate_names):
+            raise ValueError(f"rate point names repeat: {self.rate_names}")
 
     @classmethod
     def from_dict(cls, config: dict) -> CDCConfig:
@@ -46,14 +60,18 @@ class CDCConfig:
         preset = config.get("preset", "hp128")
         if preset not in PRESETS:
             raise ValueError(f"unknown CDC preset {preset!r}; known presets: {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[preset], **_tuples(config))
+        config = _tuples(config)
+        if "derived_rates" in config:
+            config["derived_rates"] = tuple((str(n), str(s), float(k)) for n, s, k in config["derived_rates"])
+        return dataclasses.replace(PRESETS[preset], **config)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, at every depth
 
     @property
     def rate_names(self) -> list[str]:
-        return [f"q{i + 1}" for i in range(len(self.lambdas))]
+        """Every rate point, as a stream's rate index numbers them: the trained ones, then the derived."""
+        return [f"q{i + 1}" for i in range(len(self.lambdas))] + [name for name, _, _ in self.derived_rates]
 
     @property
     def scale_step(self) -> float:

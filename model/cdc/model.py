@@ -63,7 +63,15 @@ class CDCModel(nn.Module):
 
     # ----- pieces shared by training and the codec ---------------------------------------
     def gains(self, rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.log_gain_enc[rate].exp()[:, :, None, None], self.log_gain_dec[rate].exp()[:, :, None, None])
+        """(encoder, decoder) gains of rate points, trained or derived (config.derived_rates)."""
+        log_enc, log_dec = self.log_gain_enc, self.log_gain_dec
+        derived = self.config.derived_rates
+        if derived:
+            sources = [self.config.rate_names.index(source) for _, source, _ in derived]
+            shift = torch.tensor([[math.log(k)] for _, _, k in derived], dtype=log_enc.dtype, device=log_enc.device)
+            log_enc = torch.cat([log_enc, log_enc[sources] + shift])
+            log_dec = torch.cat([log_dec, log_dec[sources] - shift])
+        return log_enc[rate].exp()[:, :, None, None], log_dec[rate].exp()[:, :, None, None]
 
     def scale_of(self, position: torch.Tensor) -> torch.Tensor:
         """Gaussian scale at a (continuous) position on the log-spaced scale table."""

@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from ..metrics import psnr_from_mse
 from ..registry import SHIPPED_DIR, Weights, save_weights
 from .codec import TRAINING_ONLY
-from .config import TrainConfig
+from .config import CDCConfig, TrainConfig
 from .exact_parts import export_exact
 from .model import CDCModel
 
@@ -254,6 +254,16 @@ def export(model: CDCModel, curve: list[dict], cfg: TrainConfig, path: str | Pat
     write_curve(curve, path.with_suffix(".curve.csv"))
     log.info("exported %s (%d bytes) after %d steps", path, path.stat().st_size, curve[-1]["step"] if curve else 0)
     return path
+
+
+def with_derived_rates(weights: Weights, derived: Sequence[tuple[str, str, float]], how: str) -> Weights:
+    """The same networks and tables with rate points added by gain scaling (CDCConfig.derived_rates):
+    no tensor changes, the config (hence the digest) does, and `how` joins the provenance."""
+    model = CDCConfig.from_dict(weights.config["model"])
+    model = replace(model, derived_rates=model.derived_rates + tuple(derived))
+    config = {**weights.config, "model": model.to_dict(), "rates": model.rate_names}
+    return Weights(weights.codec, weights.name, config, weights.tensors, f"{weights.provenance}; then: {how}",
+                   weights.training)
 
 
 def write_curve(curve: list[dict], path: Path) -> None:
