@@ -1,7 +1,7 @@
 """Thin command lines: argparse, logging set-up (_cli.setup_logging), one call into model/ or pipeline/.
 
     compress_bucket  -> pipeline.compress.run_compress
-    decode           -> pipeline.archive.decode_archive
+    decode           -> pipeline.decode.decode_archive
     evaluate         -> model.evaluation.evaluate, model.report.write_report
     import_uqdm      -> model.uqdm.importer.import_checkpoint
     train            -> model.cdc.train.fit

@@ -1,136 +1,325 @@
-"""Reading an archive written by compress_bucket: list keys, fetch records by byte range, decode.
+"""Reading an archive written by compress_bucket: shards, records, byte ranges, decoding.
 
     archive = Archive("s3://bucket/out", storage_options)
-    archive.keys()                          # every committed image
-    archive.read("0001")                    # the record's bytes, crc32 verified
+    archive.keys()                          # every key (a key may be in several shards)
+    archive.record("0001")                  # its manifest row (shard="..." if the key is in several)
+    archive.read("0001")                    # the record's bytes: one ranged read, crc32 verified
     archive.read("0001", chunks=2)          # progressive: header + first 2 chunks only
     archive.decode("0001", chunks=2)        # HxWx3 uint8 via the archive's codec
-    decode_archive("s3://bucket/out", "out/png")   # every image to PNG (or webdataset shards)
+    archive.shards(); archive.shard_sizes() # committed shards, their image counts (Parquet footers)
+    rows = archive.shard_records("part-0")  # a shard's rows, in blob order
+    archive.decode_rows(rows[:8], steps=2)  # batched: adjacent records in one read, decompress_batch
 
-Records are located by the archive's own layout (data/<basename of data_url>) so an
-archive still reads after being copied or moved elsewhere.
+A record is identified by (shard, key): keys are unique within a shard but may repeat across
+shards, as in webdataset datasets. Whole-archive readers (pipeline.decode, pipeline.loader,
+pipeline.ray_data) iterate records, shard by shard; random access by key alone refuses an
+ambiguous key and takes `shard=` to choose.
+
+Every reader checks the archive against `_SUCCESS`: a committed manifest that has gone
+missing raises ArchiveError (or only warns with allow_incomplete=True) rather than serving
+fewer images than the run counted. Records are located by the archive's own layout
+(data/<basename of data_url>), so an archive still reads after being copied or moved.
+
+CPU decoding runs torch on one thread, as encoding does: the float decoders (CDC) give
+pixels that depend on the thread count, and every reader here must give the same pixels;
+parallelism comes from loader workers and Ray actors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import posixpath
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
+from typing import TypeVar
 
 import numpy as np
-from tqdm import tqdm
+import pyarrow as pa
+import torch
 
 from model import BitstreamError, Codec, load_codec
-from model.images import encode_png
 
-from .manifest import DATA_DIR, JOB_FILE, read_manifests
-from .shards import Sample, write_shard
-from .storage import open_location
+from .manifest import DATA_DIR, JOB_FILE, SUCCESS_FILE, CommittedShard, read_committed, read_manifest
+from .storage import open_location, shard_name
 
 log = logging.getLogger(__name__)
-SAMPLES_PER_SHARD = 1000
+T = TypeVar("T")
+R = TypeVar("R")
+#: manifests and footers read at once (object stores answer requests in parallel)
+READ_THREADS = 16
 
 
 class ArchiveError(RuntimeError):
-    """An archive record is missing, ambiguous or does not match its manifest."""
+    """An archive record is missing, ambiguous or does not match its manifest; a read the archive cannot serve."""
 
 
 class Archive:
-    def __init__(self, url: str, storage_options: Mapping | None = None, codec: Codec | None = None):
+    """An archive at `url`. `allow_incomplete`: warn instead of raising when manifests that
+    `_SUCCESS` counted are missing. `device`: where the codec decodes (default: cuda if seen)."""
+
+    def __init__(self, url: str, storage_options: Mapping | None = None, codec: Codec | None = None,
+                 device: str | torch.device | None = None, allow_incomplete: bool = False):
         self.url = url
         self.location = open_location(url, storage_options)
         if not self.location.exists(JOB_FILE):
             raise ArchiveError(f"{url} is not a compress_bucket archive (no {JOB_FILE})")
         self.job = json.loads(self.location.read(JOB_FILE))
-        self._codec = codec
+        self._codec, self.device, self.allow_incomplete = codec, device, allow_incomplete
+        self._tables: dict[str, pa.Table] = {}
+
+    # ------------------------------------------------------------------ shards and their records
+    @cached_property
+    def _committed(self) -> dict[str, CommittedShard]:
+        """The committed shards by name (one listing, one footer each), checked against _SUCCESS."""
+        committed = dict(sorted(read_committed(self.location).items()))
+        shards = list(committed)
+        success = self._success
+        if success is None:
+            log.warning("%s has no %s: its compress run is still going or stopped early; reading the %d shards "
+                        "committed so far", self.url, SUCCESS_FILE, len(shards))
+        elif len(shards) < success.get("archive_shards", success.get("shards", 0)):  # "shards": older runs
+            expected = {shard_name(url) for url in self.job.get("inputs", [])}
+            missing = sorted(expected - set(shards)) or ["(unknown names)"]
+            counted = success.get("archive_shards", success.get("shards"))
+            self._incomplete(f"{SUCCESS_FILE} counts {counted} shards but only {len(shards)} manifests "
+                             f"are present; missing: {', '.join(missing[:10])}")
+        return committed
+
+    @property
+    def _shards(self) -> list[str]:
+        return list(self._committed)
+
+    def shards(self) -> list[str]:
+        """The committed shards (those with a manifest), by name."""
+        return list(self._shards)
 
     @cached_property
-    def manifest(self):
-        """Every committed manifest row, as one pyarrow Table."""
-        return read_manifests(self.location)
+    def _success(self) -> dict | None:
+        return json.loads(self.location.read(SUCCESS_FILE)) if self.location.exists(SUCCESS_FILE) else None
 
+    def _incomplete(self, what: str) -> None:
+        message = f"archive {self.url} is incomplete: {what}"
+        if not self.allow_incomplete:
+            raise ArchiveError(f"{message}. A manifest was deleted or lost; rerun compress_bucket to redo those "
+                               "shards, or pass allow_incomplete=True to read what is left")
+        log.warning(message)
+
+    def _check_images(self, counted: int) -> None:
+        expected = (self._success or {}).get("images", 0)
+        if counted < expected:
+            self._incomplete(f"{SUCCESS_FILE} counts {expected} images but the manifests hold {counted}")
+
+    def shard_sizes(self, shards: Sequence[str] | None = None) -> dict[str, int]:
+        """Images per shard (all committed shards by default), read from the Parquet footers only."""
+        names = self.shards() if shards is None else self._known(shards)
+        sizes = {name: self._committed[name].rows for name in names}
+        if shards is None:
+            self._check_images(sum(sizes.values()))
+        return sizes
+
+    def _known(self, shards: Iterable[str]) -> list[str]:
+        names = list(shards)
+        unknown = sorted(set(names) - set(self._shards))
+        if unknown:
+            raise ArchiveError(f"no committed shards {unknown[:10]} in {self.url}")
+        return names
+
+    def shard_table(self, shard: str) -> pa.Table:
+        """A shard's manifest (cached)."""
+        if shard not in self._tables:
+            self._known([shard])
+            self._tables[shard] = read_manifest(self.location, shard)
+        return self._tables[shard]
+
+    def shard_records(self, shard: str, rows: Sequence[int] | None = None) -> list[dict]:
+        """Manifest rows of a shard (all, or those numbered `rows`), each with its "shard" and
+        its "extras" as a dict."""
+        table = self.shard_table(shard)
+        if rows is not None:
+            table = table.take(pa.array(rows, pa.int64()))
+        records = table.to_pylist()
+        for record in records:
+            record["shard"], record["extras"] = shard, dict(record["extras"])
+        return records
+
+    def forget(self, shard: str) -> None:
+        """Drop a shard's cached manifest (whole-archive readers go shard by shard)."""
+        self._tables.pop(shard, None)
+
+    # ------------------------------------------------------------------ random access by key
     @cached_property
-    def _rows(self) -> dict[str, int | None]:
-        rows: dict[str, int | None] = {}
-        for i, key in enumerate(self.manifest["key"].to_pylist()):
-            rows[key] = None if key in rows else i  # None: the key is in several shards
-        return rows
+    def _index(self) -> dict[str, list[tuple[str, int]]]:
+        """key -> [(shard, row), ...]: a key appears once per shard at most, maybe in several shards."""
+        shards = self.shards()
+        columns = _parallel(lambda s: read_manifest(self.location, s, columns=["key"])["key"].to_pylist(), shards)
+        index: dict[str, list[tuple[str, int]]] = {}
+        for shard, keys in zip(shards, columns):
+            for row, key in enumerate(keys):
+                index.setdefault(key, []).append((shard, row))
+        self._check_images(sum(map(len, columns)))
+        return index
 
     def keys(self) -> list[str]:
-        return list(self._rows)
+        """Every key once, in shard order (a key in several shards is listed once)."""
+        return list(self._index)
 
-    def record(self, key: str) -> dict:
-        """The manifest row of `key`."""
-        if key not in self._rows:
-            raise ArchiveError(f"no image with key {key!r} in {self.url}")
-        row = self._rows[key]
-        if row is None:
-            raise ArchiveError(f"key {key!r} appears in several shards of {self.url}; keys must be unique")
-        return self.manifest.slice(row, 1).to_pylist()[0]
+    def locate(self, keys: Iterable[str], shards: Iterable[str] | None = None) -> dict[str, list[int]]:
+        """shard -> row numbers of the records with these keys (in every shard, or only in `shards`).
+        Raises ArchiveError naming the keys that are in none of them."""
+        wanted, allowed = set(keys), None if shards is None else set(self._known(shards))
+        found: dict[str, list[int]] = {}
+        missing = []
+        for key in sorted(wanted):
+            places = [(s, r) for s, r in self._index.get(key, []) if allowed is None or s in allowed]
+            if not places:
+                missing.append(key)
+            for shard, row in places:
+                found.setdefault(shard, []).append(row)
+        if missing:
+            raise ArchiveError(f"{len(missing)} keys are not in {self.url}"
+                               f"{'' if allowed is None else ' (in the shards chosen)'}: {missing[:10]}")
+        return {shard: sorted(found[shard]) for shard in self._shards if shard in found}
+
+    def record(self, key: str, shard: str | None = None) -> dict:
+        """The manifest row of `key` (in `shard`, needed when the key is in several shards)."""
+        places = self._index.get(key, [])
+        if shard is not None:
+            places = [place for place in places if place[0] == shard]
+        if not places:
+            where = f" in shard {shard!r}" if shard is not None else ""
+            raise ArchiveError(f"no image with key {key!r}{where} in {self.url}")
+        if len(places) > 1:
+            raise ArchiveError(f"key {key!r} is in {len(places)} shards of {self.url} "
+                               f"({', '.join(s for s, _ in places)}): pass shard= to choose one")
+        (shard, row), = places
+        return self.shard_records(shard, rows=[row])[0]
+
+    def read(self, key: str, chunks: int | None = None, shard: str | None = None) -> bytes:
+        """A record's bytes, or only its header and first `chunks` chunks (progressive prefix):
+        one ranged read. A whole record is checked against the manifest's crc32; a prefix is
+        checked by the codec, chunk by chunk, when decoded."""
+        self.decode_options(chunks=chunks)
+        return self.fetch([self.record(key, shard)], chunks)[0]
+
+    def decode(self, key: str, steps: int | None = None, chunks: int | None = None,
+               shard: str | None = None) -> np.ndarray:
+        """Decode one image; `steps` diffusion steps (CDC), `chunks` progressive prefix (UQDM)."""
+        return self.decode_rows([self.record(key, shard)], steps, chunks)[0]
+
+    # ------------------------------------------------------------------ batched reading and decoding
+    @property
+    def progressive(self) -> bool:
+        return self.job["progressive"] if "progressive" in self.job else self.codec.progressive
+
+    def decode_options(self, steps: int | None = None, chunks: int | None = None) -> dict:
+        """The codec options for `steps` and `chunks`; ArchiveError for what this archive cannot take."""
+        return decode_options(self.progressive, f"{self.url} holds {self.job['codec']} streams", steps, chunks)
 
     @property
     def codec(self) -> Codec:
         if self._codec is None:
-            self._codec = load_codec(self.job["codec"])
+            self._codec = load_codec(self.job["codec"], device=self.device)
         if self._codec.weights_digest.hex() != self.job["weights_digest"]:
             raise ArchiveError(f"the archive was written with weights {self.job['weights_digest']}; codec "
                                f"{self._codec.name!r} has {self._codec.weights_digest.hex()}")
         return self._codec
 
-    def read(self, key: str, chunks: int | None = None) -> bytes:
-        """A record's bytes, or only its header and first `chunks` chunks (progressive prefix).
-
-        A whole record is checked against the manifest's crc32; a prefix is checked by the
-        codec, chunk by chunk, when decoded.
-        """
-        row = self.record(key)
-        lengths = row["chunk_lengths"]
-        size = row["length"]
+    def _span(self, row: dict, chunks: int | None) -> tuple[str, int, int]:
+        """(blob path, start, end) of a record, or of its first `chunks` chunks."""
+        lengths, size = row["chunk_lengths"], row["length"]
         if chunks is not None:
             if not 0 < chunks <= len(lengths):
-                raise ArchiveError(f"record {key!r} has {len(lengths)} chunks; asked for {chunks}")
-            size = row["length"] - sum(lengths) + sum(lengths[:chunks])
-        relative = posixpath.join(DATA_DIR, posixpath.basename(row["data_url"]))
-        data = self.location.read_range(relative, row["offset"], row["offset"] + size)
-        if len(data) != size:
-            raise ArchiveError(f"{relative} ends before record {key!r} does ({len(data)} of {size} bytes)")
-        if chunks is None and zlib.crc32(data) != row["crc32"]:
-            raise ArchiveError(f"record {key!r} in {relative} does not match its manifest crc32: corrupt")
-        return data
+                raise ArchiveError(f"record {row['key']!r} has {len(lengths)} chunks; asked for {chunks}")
+            size -= sum(lengths[chunks:])
+        blob = self.location.path(DATA_DIR, posixpath.basename(row["data_url"]))
+        return blob, row["offset"], row["offset"] + size
 
-    def decode(self, key: str, steps: int | None = None, chunks: int | None = None) -> np.ndarray:
-        """Decode one image; `steps` diffusion steps (CDC), `chunks` progressive prefix (UQDM)."""
-        data = self.read(key, chunks)
-        options = {"steps": steps} if steps is not None else {}
-        if chunks is not None:
-            options["chunks"] = chunks
+    def fetch(self, rows: Sequence[dict], chunks: int | None = None) -> list[bytes]:
+        """The bytes of these records (or of their prefixes): adjacent ones in one ranged read,
+        the rest in ranged reads issued together (concurrently on object stores)."""
+        spans = [self._span(row, chunks) for row in rows]
+        runs: list[list] = []  # [blob, start, end, indices]: records that follow each other in a blob
+        for i, (blob, start, end) in enumerate(spans):
+            if runs and runs[-1][0] == blob and runs[-1][2] == start:
+                runs[-1][2] = end
+                runs[-1][3].append(i)
+            else:
+                runs.append([blob, start, end, [i]])
+        blobs = self.location.fs.cat_ranges([r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs],
+                                            on_error="return")
+        out: list[bytes] = [b""] * len(rows)
+        for (blob, first, _, members), data in zip(runs, blobs):
+            for i in members:
+                row, (_, start, end) = rows[i], spans[i]
+                where = _where(row, self.url)
+                if isinstance(data, Exception):
+                    raise ArchiveError(f"cannot read {where}: {type(data).__name__}: {data}") from data
+                record = bytes(data[start - first:end - first])
+                if len(record) != end - start:
+                    raise ArchiveError(f"{blob} ends before {where} does ({len(record)} of {end - start} bytes)")
+                if chunks is None and zlib.crc32(record) != row["crc32"]:
+                    raise ArchiveError(f"{where} does not match its manifest crc32: corrupt")
+                out[i] = record
+        return out
+
+    def decode_rows(self, rows: Sequence[dict], steps: int | None = None, chunks: int | None = None) -> list[np.ndarray]:
+        """Fetch and decode records (manifest rows) in one batch: HxWx3 uint8 images."""
+        options = self.decode_options(steps, chunks)
+        return decompress(self.codec, self.fetch(rows, chunks), rows, options, self.url)
+
+
+def decode_options(progressive: bool, what: str, steps: int | None, chunks: int | None) -> dict:
+    """Codec options for `steps` and `chunks`, or a clear ArchiveError; `what` says whose streams these are."""
+    if chunks is not None:
+        if not progressive:
+            raise ArchiveError(f"{what}, which are not progressive: a prefix of chunks applies to UQDM archives "
+                               "only; choose CDC's decoding work with steps")
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+            raise ArchiveError(f"chunks must be a positive number of chunks, got {chunks!r}")
+    if steps is not None and progressive:
+        raise ArchiveError(f"{what}: UQDM spends one diffusion step per chunk, so choose the prefix with chunks, "
+                           "not steps")
+    return {name: value for name, value in (("steps", steps), ("chunks", chunks)) if value is not None}
+
+
+def decompress(codec: Codec, datas: Sequence[bytes], rows: Sequence[dict], options: Mapping,
+               url: str) -> list[np.ndarray]:
+    """decompress_batch on one thread (CPU); a stream that does not decode raises ArchiveError naming
+    its record (rows: the records' manifest rows, with "key" and "shard"; url: the archive's)."""
+    with one_thread(codec.device):
         try:
-            return self.codec.decompress(data, **options)
+            return codec.decompress_batch(list(datas), **options)
         except BitstreamError as exc:
-            raise ArchiveError(f"record {key!r} of {self.url} does not decode: {exc}") from exc
+            if len(datas) == 1:
+                raise ArchiveError(f"{_where(rows[0], url)} does not decode: {exc}") from exc
+    # Which stream is damaged: decode them one by one to name it.
+    return [decompress(codec, [data], [row], options, url)[0] for data, row in zip(datas, rows)]
 
 
-def decode_archive(url: str, to: str, storage_options: Mapping | None = None, keys: Sequence[str] | None = None,
-                   steps: int | None = None, chunks: int | None = None, fmt: str = "png") -> int:
-    """Decode an archive's images (all, or `keys`) into the folder URL `to`; returns how many.
+def _where(row: dict, url: str) -> str:
+    return f"record {row['key']!r} of shard {row.get('shard', '?')} in {url}"
 
-    fmt "png": <key>.png each. fmt "wds": webdataset shards decoded-000000.tar, ... with each
-    key's PNG and its original extras (.cls, .txt, ...), like the input dataset.
-    """
-    archive = Archive(url, storage_options)
-    target = open_location(to, storage_options)
-    keys = keys or archive.keys()
-    samples = []
-    for key in tqdm(keys, unit="image", desc="decode"):
-        png = encode_png(archive.decode(key, steps=steps, chunks=chunks))
-        if fmt == "png":
-            target.write_atomic(f"{key}.png", png)
-        else:
-            samples.append(Sample(key, {"png": png, **dict(archive.record(key)["extras"])}))
-    for number, start in enumerate(range(0, len(samples), SAMPLES_PER_SHARD)):
-        target.write_atomic(f"decoded-{number:06d}.tar", write_shard(samples[start:start + SAMPLES_PER_SHARD]))
-    log.info("decoded %d images into %s", len(keys), to)
-    return len(keys)
+
+@contextlib.contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """torch on one thread while decoding on a CPU (see the module docstring), then as before."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _parallel(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(min(READ_THREADS, len(items))) as pool:
+        return list(pool.map(function, items))

@@ -1,36 +1,244 @@
-"""A PyTorch IterableDataset over an archive, decoding each image on demand.
+"""A PyTorch IterableDataset over an archive: split by rank and worker, shuffled by epoch, decoded in batches.
 
-    dataset = ArchiveDataset("s3://bucket/out", storage_options, chunks=2)
-    for sample in DataLoader(dataset, batch_size=None, num_workers=4): ...
+    dataset = ArchiveDataset("s3://bucket/out", storage_options, chunks=2, shuffle=True, seed=0)
+    loader = DataLoader(dataset, batch_size=32, num_workers=4, collate_fn=collate_samples)
+    for epoch in range(10):
+        dataset.set_epoch(epoch)       # before iterating: a new order (persistent workers see it too)
+        for batch in loader: ...       # batch["image"]: Bx H x W x 3 uint8, batch["__key__"], batch["extras"]
 
-Each DataLoader worker opens the archive and loads the codec itself, then decodes its
-own share of the keys (every num_workers-th key), so nothing large crosses processes.
+Each sample is {"__key__", "__shard__", "image" (HxWx3 uint8 tensor), "extras" (name -> bytes:
+the key's .cls, .txt, .json, ... as in the original dataset)}. Extras sit in their own dict so
+no extra can overwrite the image or the key, whatever it is called.
+
+How an epoch is cut: the shards (in name order, or permuted by (seed, epoch) when shuffling:
+the same permutation on every rank) are laid end to end, and each rank takes one contiguous
+range of that sequence, then each DataLoader worker one contiguous range of its rank's. So a
+worker reads only the manifests and blob ranges of its own shards (and at most two shards it
+shares with a neighbour), every record is read exactly once per epoch across ranks and
+workers, and ranks differ by at most one image. `equal_lengths="pad"` repeats the epoch's
+first records so every rank yields the same count (DistributedSampler's default),
+`equal_lengths="drop"` leaves the last records of the epoch out: use one of them under DDP,
+where a rank with one batch fewer makes the others wait forever. Image counts come from the
+manifests' Parquet footers, read once in the main process.
+
+Shuffling: each worker passes its records through a buffer of `shuffle_buffer` record
+*descriptors* (shard, row), seeded by (seed, epoch, rank, worker): the buffer holds no pixels,
+so it can be large; images are fetched and decoded in batches of `decode_batch` through the
+codec's decompress_batch (adjacent records in one ranged read, prefixes alone for UQDM's
+`chunks`), on `device` when one is given (e.g. "cuda:0"; with CUDA, use the spawn or forkserver
+start method, or do not touch CUDA in the main process before the workers fork).
+
+Rank and world size come from torch.distributed when it is initialized at construction, or
+from `rank` / `world_size`. Works with fork, spawn and forkserver workers, and with any fsspec
+URL; the dataset pickles small (URL, options, shard names and counts).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from multiprocessing.context import get_spawning_popen
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .archive import Archive
 
+EQUAL_LENGTHS = (None, "pad", "drop")
+Piece = tuple[str, Sequence[int]]  # a shard and row numbers in its manifest
+
 
 class ArchiveDataset(IterableDataset):
-    """Yields {"key", "image" (HxWx3 uint8 tensor), "extras" (dict of name -> bytes)} per record."""
-
-    def __init__(self, url: str, storage_options: Mapping | None = None, keys: Sequence[str] | None = None,
-                 steps: int | None = None, chunks: int | None = None):
+    def __init__(self, url: str, storage_options: Mapping | None = None, *, keys: Iterable[str] | None = None,
+                 shards: Iterable[str] | None = None, steps: int | None = None, chunks: int | None = None,
+                 shuffle: bool = False, seed: int = 0, shuffle_buffer: int = 10_000,
+                 rank: int | None = None, world_size: int | None = None, equal_lengths: str | None = None,
+                 decode_batch: int = 8, device: str | None = None,
+                 transform: Callable[[torch.Tensor], object] | None = None, allow_incomplete: bool = False):
+        if equal_lengths not in EQUAL_LENGTHS:
+            raise ValueError(f"equal_lengths must be one of {EQUAL_LENGTHS}, got {equal_lengths!r}")
+        if decode_batch < 1 or shuffle_buffer < 1:
+            raise ValueError("decode_batch and shuffle_buffer must be at least 1")
         self.url, self.storage_options = url, dict(storage_options or {})
-        self.keys, self.steps, self.chunks = list(keys) if keys else None, steps, chunks
+        self.steps, self.chunks, self.device, self.transform = steps, chunks, device, transform
+        self.shuffle, self.seed, self.shuffle_buffer, self.decode_batch = shuffle, seed, shuffle_buffer, decode_batch
+        self.equal_lengths, self.allow_incomplete = equal_lengths, allow_incomplete
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        archive = Archive(url, self.storage_options, allow_incomplete=allow_incomplete)
+        archive.decode_options(steps, chunks)  # a setting this archive cannot take fails here, not in a worker
+        shards = None if shards is None else list(shards)
+        if keys is None:
+            sizes = archive.shard_sizes(shards)
+            self.pieces: list[Piece] = [(shard, range(sizes[shard])) for shard in sorted(sizes)]
+        else:
+            self.pieces = list(archive.locate(keys, shards).items())
+        self._epoch = _SharedEpoch()
+        self._reader: tuple[int, Archive] | None = None
 
+    # ------------------------------------------------------------------ epochs and splits
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration follows (call it before iterating the loader)."""
+        self._epoch.value = epoch
+
+    @property
+    def total(self) -> int:
+        """Records in the archive's selection (every rank together, no padding)."""
+        return sum(len(rows) for _, rows in self.pieces)
+
+    def _rank_range(self) -> tuple[int, int]:
+        """This rank's [start, end) in the epoch's sequence of records (end may pass the total: padding)."""
+        total, rank, world = self.total, self.rank, self.world_size
+        if self.equal_lengths is None:
+            return total * rank // world, total * (rank + 1) // world
+        per_rank = total // world if self.equal_lengths == "drop" else -(-total // world)
+        return rank * per_rank, (rank + 1) * per_rank
+
+    def __len__(self) -> int:
+        """Images this rank yields per epoch (over all its DataLoader workers)."""
+        start, end = self._rank_range()
+        return end - start
+
+    def assignment(self, epoch: int, worker: int = 0, num_workers: int = 1) -> list[Piece]:
+        """The records a worker of this rank reads in `epoch`, in order before the shuffle buffer."""
+        pieces = list(self.pieces)
+        if self.shuffle:
+            pieces = [pieces[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(pieces))]
+        start, end = self._rank_range()
+        count = end - start
+        return _cut(pieces, start + count * worker // num_workers, start + count * (worker + 1) // num_workers)
+
+    # ------------------------------------------------------------------ reading
     def __iter__(self) -> Iterator[dict]:
-        archive = Archive(self.url, self.storage_options)
-        keys = self.keys or archive.keys()
-        worker = get_worker_info()
-        if worker is not None:
-            keys = keys[worker.id::worker.num_workers]
-        for key in keys:
-            image = archive.decode(key, steps=self.steps, chunks=self.chunks)
-            yield {"key": key, "image": torch.from_numpy(image), "extras": dict(archive.record(key)["extras"])}
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self._epoch.value
+        pieces = self.assignment(epoch, worker, num_workers)
+        archive = self._archive()
+        left = {}  # records still to read per shard: a shard's manifest is dropped once it is read
+        for shard, rows in pieces:
+            left[shard] = left.get(shard, 0) + len(rows)
+        records: Iterator[tuple[str, int]] = ((shard, row) for shard, rows in pieces for row in rows)
+        if self.shuffle:
+            records = _buffer_shuffled(records, self.shuffle_buffer,
+                                       np.random.default_rng([self.seed, epoch, self.rank, worker]))
+        for batch in _batches(records, self.decode_batch):
+            rows = _manifest_rows(archive, batch)
+            images = archive.decode_rows(rows, self.steps, self.chunks)
+            for row, image in zip(rows, images):
+                tensor = torch.from_numpy(image)
+                yield {"__key__": row["key"], "__shard__": row["shard"],
+                       "image": self.transform(tensor) if self.transform else tensor, "extras": row["extras"]}
+            for shard, _ in batch:
+                left[shard] -= 1
+                if not left[shard]:
+                    archive.forget(shard)
+
+    def _archive(self) -> Archive:
+        """This process's reader (and codec), kept across epochs: persistent workers load the codec once."""
+        if self._reader is None or self._reader[0] != os.getpid():
+            self._reader = (os.getpid(), Archive(self.url, self.storage_options, device=self.device,
+                                                 allow_incomplete=self.allow_incomplete))
+        return self._reader[1]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None}
+
+
+def collate_samples(samples: Sequence[dict]) -> dict:
+    """A DataLoader batch of samples: lists of keys, shards and extras; images stacked into a
+    B x H x W x 3 tensor when they share a shape, else a list (crop them in `transform` to stack)."""
+    images = [sample["image"] for sample in samples]
+    stackable = all(isinstance(i, torch.Tensor) and i.shape == images[0].shape for i in images)
+    return {"__key__": [s["__key__"] for s in samples], "__shard__": [s["__shard__"] for s in samples],
+            "image": torch.stack(images) if images and stackable else images,
+            "extras": [s["extras"] for s in samples]}
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if (rank is None) != (world_size is None):
+        raise ValueError("give both rank and world_size, or neither")
+    if rank is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    return rank, world_size
+
+
+def _cut(pieces: Sequence[Piece], start: int, end: int) -> list[Piece]:
+    """The records at positions [start, end) of the pieces laid end to end; positions past the
+    total wrap around to the beginning (padding)."""
+    total = sum(len(rows) for _, rows in pieces)
+    out: list[Piece] = []
+    while total and start < end:
+        position = start - start % total  # where this lap of the sequence begins
+        lap_end = position + total
+        for shard, rows in pieces:
+            low, high = max(start, position), min(end, position + len(rows))
+            if low < high:
+                out.append((shard, rows[low - position:high - position]))
+            position += len(rows)
+        start = lap_end
+    return out
+
+
+def _buffer_shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """webdataset's shuffle buffer: fill `size` items, then yield a random one for each new one."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(len(buffer)))
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _manifest_rows(archive: Archive, records: Sequence[tuple[str, int]]) -> list[dict]:
+    """The manifest rows of (shard, row) records, in their order."""
+    rows_by_shard: dict[str, list[int]] = {}
+    for shard, row in records:
+        rows_by_shard.setdefault(shard, []).append(row)
+    found = {}
+    for shard, rows in rows_by_shard.items():
+        found.update(((shard, row), record) for row, record in zip(rows, archive.shard_records(shard, rows)))
+    return [found[record] for record in records]
+
+
+class _SharedEpoch:
+    """The epoch number in shared memory, so that DataLoader workers, persistent ones too, read
+    the value set_epoch last wrote in the main process. Fork workers inherit the memory; spawn and
+    forkserver workers receive it while they start. Pickled any other way (Ray, deepcopy) it
+    travels as a plain number."""
+
+    def __init__(self, value: int = 0):
+        self._shared = multiprocessing.RawValue("q", value)
+
+    @property
+    def value(self) -> int:
+        return self._shared.value
+
+    @value.setter
+    def value(self, value: int) -> None:
+        self._shared.value = value
+
+    def __getstate__(self) -> dict:
+        return {"shared": self._shared} if get_spawning_popen() is not None else {"value": self.value}
+
+    def __setstate__(self, state: dict) -> None:
+        self._shared = state["shared"] if "shared" in state else multiprocessing.RawValue("q", state["value"])

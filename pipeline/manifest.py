@@ -105,6 +105,7 @@ class ShardTotals:
 class CommittedShard:
     source_url: str | None  # None: an old manifest of no rows, whose source is not recorded
     totals: ShardTotals
+    rows: int  # the manifest's rows, from its Parquet footer: the records readers will serve
 
 
 def shard_metadata(source_url: str, totals: ShardTotals) -> dict[bytes, bytes]:
@@ -126,13 +127,14 @@ def read_committed(location: Location) -> dict[str, CommittedShard]:
 
 def _from_footer(tail: bytes, location: Location, path: str) -> CommittedShard | None:
     try:
-        metadata = pq.read_metadata(pa.BufferReader(tail)).metadata or {}
+        footer = pq.read_metadata(pa.BufferReader(tail))
     except pa.ArrowInvalid:  # the footer is longer than the tail read
-        metadata = pq.read_metadata(io.BytesIO(location.read(path))).metadata or {}
+        footer = pq.read_metadata(io.BytesIO(location.read(path)))
+    metadata = footer.metadata or {}
     if SHARD_METADATA_KEY not in metadata:
         return None
     shard = json.loads(metadata[SHARD_METADATA_KEY])
-    return CommittedShard(shard["source_url"], ShardTotals.from_json(shard["totals"]))
+    return CommittedShard(shard["source_url"], ShardTotals.from_json(shard["totals"]), footer.num_rows)
 
 
 def _from_rows(location: Location, name: str) -> CommittedShard:
@@ -145,7 +147,7 @@ def _from_rows(location: Location, name: str) -> CommittedShard:
     for row in rows:
         totals.add(row["width"] * row["height"], row["source_bytes"], row["length"])
     sources = [r["source_url"] for r in rows + errors if r["source_url"]]
-    return CommittedShard(sources[0] if sources else None, totals)
+    return CommittedShard(sources[0] if sources else None, totals, len(rows))
 
 
 def manifest_path(shard: str) -> str:
@@ -183,6 +185,11 @@ def read_tables(location: Location, folder: str, schema: pa.Schema) -> pa.Table:
 
 def read_manifests(location: Location) -> pa.Table:
     return read_tables(location, MANIFEST_DIR, MANIFEST_SCHEMA)
+
+
+def read_manifest(location: Location, shard: str, columns: list[str] | None = None) -> pa.Table:
+    """One shard's manifest (only `columns`, when given)."""
+    return pq.read_table(io.BytesIO(location.read(manifest_path(shard))), schema=MANIFEST_SCHEMA, columns=columns)
 
 
 def read_errors(location: Location) -> pa.Table:

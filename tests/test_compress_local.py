@@ -20,8 +20,9 @@ from ray._private import state
 
 from jobs import decode as decode_job
 from model import decode_image
-from pipeline.archive import Archive, ArchiveError, decode_archive
+from pipeline.archive import Archive, ArchiveError
 from pipeline.compress import CompressConfig, ConfigError, run_compress
+from pipeline.decode import decode_archive
 from pipeline.loader import ArchiveDataset
 from pipeline.manifest import SUCCESS_FILE, data_path, manifest_path, read_errors, read_manifests
 from pipeline.shards import read_shard, write_shard
@@ -118,16 +119,16 @@ def test_manifests_read_by_pyarrow_and_duckdb(archive_dir, dataset):
 
 def test_loader_and_decode_job_read_the_archive(archive_dir, dataset, tmp_path):
     out, _ = archive_dir
-    samples = {s["key"]: s for s in ArchiveDataset(str(out), keys=["img000", "img001"], chunks=1)}
+    samples = {s["__key__"]: s for s in ArchiveDataset(str(out), keys=["img000", "img001"], chunks=1)}
     assert set(samples) == {"img000", "img001"} and samples["img001"]["extras"]["cls"] == b"1"
     source = {key: decode_image(dataset.good[key].members[dataset.good[key].image_member])[0]
               for key in samples}
     assert all(samples[key]["image"].shape == source[key].shape for key in samples)
     decode_job.main(["--input", str(out), "--to", str(tmp_path / "png"), "--keys", "img001"])
-    png, _ = decode_image((tmp_path / "png" / "img001.png").read_bytes())
+    png, _ = decode_image((tmp_path / "png" / "shard-000" / "img001.png").read_bytes())
     assert np.array_equal(png, source["img001"])  # lossless
-    assert decode_archive(str(out), str(tmp_path / "wds"), keys=["img001"], chunks=1, fmt="wds") == 1
-    shard = read_shard((tmp_path / "wds" / "decoded-000000.tar").read_bytes())
+    assert decode_archive(str(out), str(tmp_path / "wds"), keys=["img001"], chunks=1, fmt="wds").images == 1
+    shard = read_shard((tmp_path / "wds" / "shard-000.tar").read_bytes())
     assert [s.key for s in shard.samples] == ["img001"] and not shard.errors
     assert shard.samples[0].extras == dict(samples["img001"]["extras"])
     assert np.array_equal(decode_image(shard.samples[0].members["png"])[0], samples["img001"]["image"].numpy())

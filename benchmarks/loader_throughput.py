@@ -1,0 +1,181 @@
+"""Loader throughput: images per second through ArchiveDataset + DataLoader, per decoding setting,
+next to webdataset reading the original JPEG shards (what training reads today).
+
+    DIFFPRESS_WEIGHTS=../shared/weights python -m benchmarks.loader_throughput \\
+        [--images 8] [--uqdm-images 4] [--workers 2] [--uqdm-codec uqdm-tiny-exact]
+
+Data: the dev photos (768x512) as webdataset shards of JPEG quality 95, two photos a shard;
+compressed by compress_bucket (private in-process Ray, 2 CPUs) with cdc-hp128 and with UQDM.
+Each setting reads its archive through DataLoader(num_workers=W, batch_size=None,
+persistent_workers=True) for two epochs: the first warms up (worker start, codec load), the
+second is measured. Settings: CDC steps 0 (the mean image), 1, 2, 4; UQDM prefixes of 1 to 5
+chunks (5 = lossless); webdataset's WebDataset(...).decode("rgb8") over the JPEG shards (read
+25 times over, as it is too fast to time on a few images).
+
+Where one image's time goes is measured in the main process on one thread: fetching its
+bytes, and for CDC the entropy decoding + hyperprior (decode_symbols), then the content
+decoder (steps 0), then the diffusion steps. Writes benchmarks/results/loader_throughput.json
+and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import webdataset
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from model.paths import DEV_PHOTOS
+from pipeline.archive import Archive, one_thread
+from pipeline.compress import CompressConfig, run_compress
+from pipeline.loader import ArchiveDataset
+
+RESULTS = Path(__file__).resolve().parent / "results" / "loader_throughput.json"
+CDC_STEPS = (0, 1, 2, 4)
+PHOTOS_PER_SHARD = 2
+BASELINE_PASSES = 25
+# H100 figures measured elsewhere (not by this benchmark), 768x512 photos, in MP/s
+H100_MP_PER_S = {"cdc steps 0": 11.9, "cdc steps 4": 1.69, "uqdm 1 chunk": 0.39, "uqdm 5 chunks (lossless)": 0.073}
+
+
+def jpeg_shards(count: int, folder: Path) -> list[str]:
+    """The first `count` dev photos as webdataset shards of JPEG q95 (+ a .cls)."""
+    photos = sorted(DEV_PHOTOS.glob("*.png"))[:count]
+    if len(photos) < count:
+        raise FileNotFoundError(f"needs {count} dev photos in {DEV_PHOTOS}")
+    folder.mkdir(parents=True)
+    urls = []
+    for number, start in enumerate(range(0, count, PHOTOS_PER_SHARD)):
+        url = str(folder / f"photos-{number:03d}.tar")
+        with webdataset.TarWriter(url, encoder=False, mtime=0) as writer:
+            for path in photos[start:start + PHOTOS_PER_SHARD]:
+                buffer = io.BytesIO()
+                Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=95)
+                writer.write({"__key__": path.stem, "jpg": buffer.getvalue(), "cls": b"0"})
+        urls.append(url)
+    return urls
+
+
+def timed_epochs(loader: DataLoader, before_epoch=lambda epoch: None) -> dict:
+    """Two epochs; the second measured. Returns images, pixels and seconds of each."""
+    epochs = []
+    for epoch in range(2):
+        before_epoch(epoch)
+        started, images, pixels = time.perf_counter(), 0, 0
+        for item in loader:
+            image = item["image"] if isinstance(item, dict) else item[1]
+            images, pixels = images + 1, pixels + image.shape[0] * image.shape[1]
+        epochs.append({"images": images, "pixels": pixels, "seconds": time.perf_counter() - started})
+    warm, measured = epochs
+    return {"warm_up_seconds": warm["seconds"], **measured, "images_per_s": measured["images"] / measured["seconds"],
+            "mp_per_s": measured["pixels"] / 1e6 / measured["seconds"], "load_average": os.getloadavg()[0]}
+
+
+def archive_loader(url: str, workers: int, **options) -> dict:
+    dataset = ArchiveDataset(url, decode_batch=1, **options)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=True)
+    return timed_epochs(loader, dataset.set_epoch)
+
+
+def webdataset_loader(urls: list[str], workers: int) -> dict:
+    dataset = (webdataset.WebDataset(urls * BASELINE_PASSES, shardshuffle=False, empty_check=False)
+               .decode("rgb8").to_tuple("__key__", "jpg").map_tuple(None, torch.from_numpy))
+    return timed_epochs(DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=True))
+
+
+def breakdown(url: str, options: dict) -> dict:
+    """Seconds for one image, in the main process on one thread: fetch, then decoding stages."""
+    archive = Archive(url)
+    row = archive.shard_records(archive.shards()[0])[0]
+    codec = archive.codec
+    started = time.perf_counter()
+    data = archive.fetch([row], options.get("chunks"))[0]
+    out = {"fetch": time.perf_counter() - started}
+    started = time.perf_counter()
+    archive.decode_rows([row], **options)
+    out["decode"] = time.perf_counter() - started
+    if not codec.progressive:
+        with one_thread(codec.device):
+            started = time.perf_counter()
+            codec.decode_symbols(data)
+            out["entropy_and_hyperprior"] = time.perf_counter() - started
+            started = time.perf_counter()
+            codec.decompress(data, steps=0)
+            out["content_decoder"] = time.perf_counter() - started - out["entropy_and_hyperprior"]
+        out["diffusion_steps"] = out["decode"] - out["entropy_and_hyperprior"] - out["content_decoder"]
+    return out
+
+
+def compress(urls: list[str], output: Path, codec: str) -> str:
+    run_compress(CompressConfig(urls, str(output), codec, actors=2, batch_size=1))
+    return str(output)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=8, help="dev photos for CDC and webdataset (default 8)")
+    parser.add_argument("--uqdm-images", type=int, default=4, help="dev photos for UQDM (default 4)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--uqdm-codec", default="uqdm-tiny-exact")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-loader") as folder, \
+            tempfile.TemporaryDirectory(prefix="bench-ray", dir="/tmp") as ray_dir:
+        root = Path(folder)
+        urls = jpeg_shards(args.images, root / "jpeg")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=ray_dir, log_to_driver=False)
+        try:
+            cdc = compress(urls, root / "cdc", "cdc-hp128")
+            uqdm = compress(urls[:-(-args.uqdm_images // PHOTOS_PER_SHARD)], root / "uqdm", args.uqdm_codec)
+        finally:
+            ray.shutdown()
+        settings = {"webdataset jpeg (baseline)": (None, {})}
+        settings.update({f"cdc steps {steps}": (cdc, {"steps": steps}) for steps in CDC_STEPS})
+        settings.update({f"uqdm {n} chunk{'s' if n > 1 else ''}{' (lossless)' if n == 5 else ''}": (uqdm, {"chunks": n})
+                         for n in range(1, 6)})
+        results = {}
+        for name, (url, options) in settings.items():
+            print(f"measuring {name} ...", flush=True)
+            if url is None:
+                results[name] = webdataset_loader(urls, args.workers)
+            else:
+                results[name] = {**archive_loader(url, args.workers, **options),
+                                 "one_image_seconds": breakdown(url, options), "options": options}
+    for name, mp in H100_MP_PER_S.items():
+        results[name]["h100_mp_per_s_measured_elsewhere"] = mp
+    report = {"workers": args.workers, "images": args.images, "uqdm_images": args.uqdm_images,
+              "uqdm_codec": args.uqdm_codec, "photo_size": "768x512", "cpu_cores": os.cpu_count(),
+              "machine": platform.processor() or platform.machine(), "torch_threads_per_worker": 1,
+              "results": results}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=1))
+    print(table(report))
+    print(f"JSON: {RESULTS}")
+
+
+def table(report: dict) -> str:
+    lines = [f"| setting ({report['workers']} DataLoader workers, 768x512) | images/s | MP/s | one image: fetch / "
+             "decode (s) | of which entropy+hyper / content / diffusion (s) | H100 MP/s (measured elsewhere) | "
+             "load avg |", "|---|---|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        one = r.get("one_image_seconds", {})
+        split = (f"{one['entropy_and_hyperprior']:.2f} / {one['content_decoder']:.2f} / {one['diffusion_steps']:.2f}"
+                 if "content_decoder" in one else "-")
+        fetch = f"{one['fetch'] * 1000:.1f} ms / {one['decode']:.2f}" if one else "-"
+        lines.append(f"| {name} | {r['images_per_s']:.3f} | {r['mp_per_s']:.3f} | {fetch} | {split} | "
+                     f"{r.get('h100_mp_per_s_measured_elsewhere', '-')} | {r['load_average']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

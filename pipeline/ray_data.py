@@ -1,0 +1,175 @@
+"""Ray Data over an archive: its records as a Dataset, decoded by an actor pool.
+
+    records = read_archive("s3://bucket/out", storage_options, chunks=2)   # one read task per shard
+    images = decode_records(records, batch_size=8)    # actors: one GPU each when the cluster has GPUs
+    for batch in images.iter_batches(batch_format="numpy"): ...             # or feed Ray Train
+
+Record columns (RECORD_SCHEMA): shard, key, width, height, codec, weights_digest, chunks (the
+prefix fetched, null for whole records), extras (map name -> bytes), data (the record's bytes,
+or only its prefix). decode_records replaces `data` with `image` (HxWx3 uint8, a variable-shaped
+tensor column) and keeps the rest, extras included, untouched (batches stay in Arrow: a numpy
+round trip would turn extras' bytes into strings). A record is (shard, key): a key repeated in
+two shards gives two rows.
+
+The decoders load the codec named by the records' `codec` column (checking `weights_digest`)
+and decode through the same path as Archive.decode and the loader, so the pixels are the same.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+from ray.data.extensions import ArrowVariableShapedTensorArray
+
+from model import Codec, load_codec
+
+from .archive import Archive, ArchiveError, decode_options, decompress
+from .compress import PASSED_ENV
+
+RECORDS_PER_BLOCK = 256
+MANIFEST_FIELDS = ("shard", "key", "width", "height", "codec", "weights_digest")  # copied from the manifest rows
+RECORD_SCHEMA = pa.schema([
+    ("shard", pa.string()),
+    ("key", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("codec", pa.string()),
+    ("weights_digest", pa.string()),
+    ("chunks", pa.int32()),
+    ("extras", pa.map_(pa.string(), pa.binary())),
+    ("data", pa.binary()),
+])
+
+
+def read_archive(url: str, storage_options: Mapping | None = None, *, chunks: int | None = None,
+                 keys: Iterable[str] | None = None, shards: Iterable[str] | None = None,
+                 allow_incomplete: bool = False, **read_args) -> ray.data.Dataset:
+    """The archive's records (every one, or those with `keys`, in `shards`), with their bytes or
+    only the first `chunks` chunks (UQDM). `read_args` go to ray.data.read_datasource; by default
+    the read tasks reserve no CPU (they fetch bytes), so decoder actors may hold every CPU
+    without starving them."""
+    return ray.data.read_datasource(ArchiveDatasource(url, storage_options, chunks=chunks, keys=keys, shards=shards,
+                                                      allow_incomplete=allow_incomplete),
+                                    **{"num_cpus": 0, "runtime_env": runtime_env(), **read_args})
+
+
+class ArchiveDatasource(Datasource):
+    """One read task per shard: it reads that shard's manifest and its records' byte ranges only."""
+
+    def __init__(self, url: str, storage_options: Mapping | None = None, *, chunks: int | None = None,
+                 keys: Iterable[str] | None = None, shards: Iterable[str] | None = None,
+                 allow_incomplete: bool = False):
+        self.url, self.storage_options, self.chunks = url, dict(storage_options or {}), chunks
+        self.allow_incomplete = allow_incomplete
+        archive = Archive(url, self.storage_options, allow_incomplete=allow_incomplete)
+        archive.decode_options(chunks=chunks)
+        if keys is not None:
+            self.pieces: dict[str, list[int] | None] = archive.locate(keys, shards)
+            self.sizes = {shard: len(rows) for shard, rows in self.pieces.items()}
+        else:
+            self.sizes = archive.shard_sizes(None if shards is None else list(shards))
+            self.pieces = dict.fromkeys(self.sizes)
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        return [ReadTask(self._reader(shard, rows), BlockMetadata(
+                    num_rows=self.sizes[shard], size_bytes=None,
+                    exec_stats=None, input_files=(shard,)), schema=RECORD_SCHEMA, per_task_row_limit=per_task_row_limit)
+                for shard, rows in self.pieces.items()]
+
+    def _reader(self, shard: str, rows: list[int] | None):
+        url, options, chunks, allow = self.url, self.storage_options, self.chunks, self.allow_incomplete
+
+        def read() -> Iterator[pa.Table]:
+            archive = Archive(url, options, allow_incomplete=allow)
+            records = archive.shard_records(shard, rows)
+            for start in range(0, len(records), RECORDS_PER_BLOCK):
+                block = records[start:start + RECORDS_PER_BLOCK]
+                datas = archive.fetch(block, chunks)
+                yield pa.Table.from_pylist(
+                    [{**{name: row[name] for name in MANIFEST_FIELDS}, "chunks": chunks,
+                      "extras": list(row["extras"].items()), "data": data} for row, data in zip(block, datas)],
+                    schema=RECORD_SCHEMA)
+        return read
+
+
+def decode_records(records: ray.data.Dataset, steps: int | None = None, *, batch_size: int = 8,
+                   actors: int | None = None, gpus_per_actor: float | None = None, **map_args) -> ray.data.Dataset:
+    """Decode read_archive's records with map_batches over a pool of decoder actors (one per GPU
+    when the cluster has GPUs, else one per CPU; `actors` and `gpus_per_actor` choose).
+    `steps`: CDC's diffusion steps (UQDM's prefix was chosen when reading, with chunks)."""
+    count, gpus = decoder_pool(actors, gpus_per_actor)
+    return records.map_batches(RecordDecoder, fn_constructor_kwargs={"steps": steps}, batch_size=batch_size,
+                               batch_format="pyarrow", concurrency=count, num_cpus=1, num_gpus=gpus,
+                               **{"runtime_env": runtime_env(), **map_args})
+
+
+def runtime_env() -> dict | None:
+    """The driver's environment that readers and decoders need too (compress passes the same):
+    where load_codec finds weights, botocore's checksum mode. Never credentials."""
+    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+    return {"env_vars": env} if env else None
+
+
+def decoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float]:
+    """(number of decoder actors, GPUs each): by default one per GPU in the cluster, else one per CPU."""
+    resources = ray.cluster_resources()
+    gpus = gpus_per_actor if gpus_per_actor is not None else float(resources.get("GPU", 0) > 0)
+    default = resources.get("GPU", 0) // gpus if gpus else resources.get("CPU", 1)
+    return actors or max(1, int(default)), gpus
+
+
+class RecordDecoder:
+    """map_batches callable: Arrow batch of records -> the same batch with `image` instead of `data`."""
+
+    def __init__(self, steps: int | None = None):
+        self.steps = steps
+        self.codecs: dict[tuple[str, str], Codec] = {}
+
+    def codec(self, name: str, digest: str) -> Codec:
+        if (name, digest) not in self.codecs:
+            codec = load_codec(name)
+            if codec.weights_digest.hex() != digest:
+                raise ArchiveError(f"records were written with {name} weights {digest}; the {name} found here "
+                                   f"has {codec.weights_digest.hex()}")
+            self.codecs[name, digest] = codec
+        return self.codecs[name, digest]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        images: list[np.ndarray] = []
+        rows = batch.drop_columns(["data", "extras"]).to_pylist()
+        datas = batch["data"].to_pylist()
+        for group in _runs(rows, lambda r: (r["codec"], r["weights_digest"], r["chunks"])):
+            first = rows[group[0]]
+            codec = self.codec(first["codec"], first["weights_digest"])
+            options = decode_options(codec.progressive, f"records of {first['codec']}", self.steps, first["chunks"])
+            images += decompress(codec, [datas[i] for i in group], [rows[i] for i in group], options,
+                                 url=f"a Dataset of {first['codec']} records")
+        return batch.drop_columns(["data"]).append_column("image", _tensor_column(images))
+
+
+def _tensor_column(images: list[np.ndarray]) -> pa.Array:
+    """Images as a variable-shaped tensor column (always: blocks of other sizes must concatenate)."""
+    column = np.empty(len(images), dtype=object)
+    column[:] = images
+    return ArrowVariableShapedTensorArray.from_numpy(column)
+
+
+def _runs(rows: list[dict], key) -> list[list[int]]:
+    """Indices of rows, in runs of consecutive rows with the same key(row)."""
+    runs: list[list[int]] = []
+    for i, row in enumerate(rows):
+        if runs and key(rows[runs[-1][0]]) == key(row):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs

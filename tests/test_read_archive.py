@@ -1,0 +1,177 @@
+"""Reading archives back: random access, prefixes fetched alone, duplicate keys across shards,
+settings an archive cannot take, lost manifests; Ray Data's reader and decoders."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from jobs import decode as decode_job
+from pipeline.archive import Archive, ArchiveError
+from pipeline.decode import decode_archive
+from pipeline.loader import ArchiveDataset
+from pipeline.manifest import manifest_path, read_manifest, write_table
+from pipeline.ray_data import decode_records, read_archive
+from pipeline.storage import open_location
+
+from .pipeline_fixtures import local_ray  # noqa: F401 - fixture
+from .read_fixtures import compress, copy_archive, counting_fs, sample, sources, write_shards
+
+UQDM_SHARDS = {"u-000": [sample("a", 1), sample("b", 2, (40, 24))], "u-001": [sample("c", 3)]}
+# "dup" is in both shards: allowed across shards, as in webdataset datasets (issue 8.3)
+CDC_SHARDS = {"c-000": [sample("dup", 1), sample("p", 2), sample("q", 3, (48, 56))],
+              "c-001": [sample("dup", 4, (24, 40)), sample("r", 5)]}
+
+
+@pytest.fixture(scope="module")
+def uqdm_archive(tmp_path_factory, local_ray):  # noqa: F811
+    folder = tmp_path_factory.mktemp("read-uqdm")
+    return compress(write_shards(folder / "in", UQDM_SHARDS), folder / "out", "uqdm-test")
+
+
+@pytest.fixture(scope="module")
+def cdc_archive(tmp_path_factory, local_ray):  # noqa: F811
+    folder = tmp_path_factory.mktemp("read-cdc")
+    return compress(write_shards(folder / "in", CDC_SHARDS), folder / "out", "cdc-hp128")
+
+
+def test_random_access_is_one_ranged_read_of_the_record(uqdm_archive, uqdm):
+    fs = counting_fs()
+    archive = Archive(f"counting://{uqdm_archive}", codec=uqdm)
+    row = archive.record("b")  # the manifests are read once, here
+    fs.reads.clear()
+    data = archive.read("b")
+    assert [n for path, n in fs.reads] == [row["length"]] and len(data) == row["length"]
+    fs.reads.clear()
+    assert np.array_equal(archive.decode("b"), sources(UQDM_SHARDS)["u-000", "b"])  # lossless
+    assert [n for path, n in fs.reads] == [row["length"]]
+
+
+def test_prefix_reads_fetch_only_the_prefix_bytes(uqdm_archive, uqdm):
+    """Archive.read and the loader fetch header + first chunks, nothing more (counted through fsspec)."""
+    fs = counting_fs()
+    url = f"counting://{uqdm_archive}"
+    archive = Archive(url, codec=uqdm)
+    rows = {key: archive.record(key) for key in ("a", "b", "c")}
+    prefix = {key: row["length"] - sum(row["chunk_lengths"][n:]) for key, row in rows.items() for n in [2]}
+    fs.reads.clear()
+    data = archive.read("a", chunks=2)
+    assert len(data) == prefix["a"] < rows["a"]["length"] and fs.bytes_read("data") == prefix["a"]
+    whole = Archive(str(uqdm_archive), codec=uqdm).read("a")
+    assert data == whole[:prefix["a"]]
+    assert np.array_equal(archive.decode("a", chunks=2), uqdm.decompress(whole, chunks=2))
+
+    fs.reads.clear()
+    samples = list(ArchiveDataset(url, chunks=2, decode_batch=2))
+    assert sorted(s["__key__"] for s in samples) == ["a", "b", "c"]
+    assert fs.bytes_read("data") == sum(prefix.values())
+    for item in samples:
+        assert np.array_equal(item["image"].numpy(), archive.decode(item["__key__"], chunks=2))
+
+
+def test_missing_key_is_a_clear_error(uqdm_archive):
+    archive = Archive(str(uqdm_archive))
+    with pytest.raises(ArchiveError, match="no image with key 'nope'"):
+        archive.read("nope")
+    with pytest.raises(ArchiveError, match=r"1 keys are not in .*\['nope'\]"):
+        ArchiveDataset(str(uqdm_archive), keys=["a", "nope"])
+    with pytest.raises(ArchiveError, match="nope"):
+        decode_archive(str(uqdm_archive), str(uqdm_archive.parent / "never"), keys=["nope"])
+    assert not (uqdm_archive.parent / "never").exists()
+
+
+def test_empty_keys_yield_nothing(uqdm_archive):
+    """Issue 8.7: keys=[] is an empty selection, not 'every key'."""
+    dataset = ArchiveDataset(str(uqdm_archive), keys=[])
+    assert len(dataset) == 0 and list(dataset) == []
+    assert len(ArchiveDataset(str(uqdm_archive))) == 3
+
+
+def test_progressive_prefix_on_a_cdc_archive_is_a_clear_error(cdc_archive, uqdm_archive, tmp_path, capsys):
+    """Issue 8.7: --chunks on a CDC archive ended in TypeError deep in the codec; every reader now
+    refuses it up front, saying why; and steps on a UQDM archive likewise."""
+    archive = Archive(str(cdc_archive))
+    for attempt in (lambda: archive.read("p", chunks=1), lambda: archive.decode("p", chunks=1),
+                    lambda: ArchiveDataset(str(cdc_archive), chunks=1),
+                    lambda: read_archive(str(cdc_archive), chunks=1),
+                    lambda: decode_archive(str(cdc_archive), str(tmp_path / "never"), chunks=1)):
+        with pytest.raises(ArchiveError, match="not progressive"):
+            attempt()
+    assert decode_job.main(["--input", str(cdc_archive), "--to", str(tmp_path / "never"), "--chunks", "2"]) == 2
+    assert "not progressive" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(ArchiveError, match="choose the prefix with chunks"):
+        Archive(str(uqdm_archive)).decode("a", steps=2)
+    with pytest.raises(ArchiveError, match="has 5 chunks; asked for 6"):
+        Archive(str(uqdm_archive)).read("a", chunks=6)
+
+
+def test_same_key_in_two_shards_random_access_names_the_shards(cdc_archive):
+    """Issue 8.3: random access by an ambiguous key says where it is; shard= chooses."""
+    archive = Archive(str(cdc_archive))
+    assert archive.keys().count("dup") == 1 and sorted(archive.keys()) == ["dup", "p", "q", "r"]
+    with pytest.raises(ArchiveError, match=r"'dup' is in 2 shards .*\(c-000, c-001\): pass shard="):
+        archive.read("dup")
+    one, other = archive.record("dup", shard="c-000"), archive.record("dup", shard="c-001")
+    assert (one["shard"], other["shard"]) == ("c-000", "c-001") and one["extras"]["cls"] == b"1"
+    assert archive.decode("dup", shard="c-001", steps=0).shape == (24, 40, 3)
+    with pytest.raises(ArchiveError, match="no image with key 'p' in shard 'c-001'"):
+        archive.record("p", shard="c-001")
+
+
+def test_same_key_in_two_shards_whole_archive_readers_read_both(cdc_archive, tmp_path):
+    """Issue 8.3: the loader, Ray Data and the decode job read records, (shard, key): both 'dup's."""
+    expected = sorted((shard, s["__key__"]) for shard, samples in CDC_SHARDS.items() for s in samples)
+    assert sorted((s["__shard__"], s["__key__"]) for s in ArchiveDataset(str(cdc_archive))) == expected
+    dups = ArchiveDataset(str(cdc_archive), keys=["dup"])
+    assert sorted(s["__shard__"] for s in dups) == ["c-000", "c-001"]
+    rows = read_archive(str(cdc_archive)).drop_columns(["data"]).take_all()
+    assert sorted((r["shard"], r["key"]) for r in rows) == expected
+    summary = decode_archive(str(cdc_archive), str(tmp_path / "png"), steps=0, actors=1)
+    assert summary.images == 5 and not summary.errors
+    assert (tmp_path / "png" / "c-000" / "dup.png").is_file() and (tmp_path / "png" / "c-001" / "dup.png").is_file()
+
+
+def test_ray_data_decodes_what_archive_decode_decodes(cdc_archive, uqdm_archive, uqdm):
+    """read_archive + decode_records (actor pool): the same pixels as Archive.decode, extras as bytes."""
+    archive = Archive(str(cdc_archive))
+    rows = decode_records(read_archive(str(cdc_archive)), steps=1, batch_size=2).take_all()
+    assert len(rows) == 5 and "data" not in rows[0]
+    for row in rows:
+        assert np.array_equal(row["image"], archive.decode(row["key"], steps=1, shard=row["shard"]))
+        assert dict(row["extras"]) == archive.record(row["key"], row["shard"])["extras"]
+    prefixes = decode_records(read_archive(str(uqdm_archive), chunks=2, keys=["b"]), actors=1).take_all()
+    assert [r["key"] for r in prefixes] == ["b"] and prefixes[0]["chunks"] == 2
+    assert np.array_equal(prefixes[0]["image"], Archive(str(uqdm_archive), codec=uqdm).decode("b", chunks=2))
+
+
+def test_deleted_manifest_is_detected_not_served_short(cdc_archive, tmp_path, caplog):
+    """Issue 8.7: a manifest lost after _SUCCESS counted it: every reader says so instead of
+    serving fewer images; allow_incomplete=True reads the rest with a warning."""
+    copy = copy_archive(cdc_archive, tmp_path / "copy")
+    (copy / manifest_path("c-001")).unlink()
+    for attempt in (lambda: Archive(str(copy)).keys(), lambda: ArchiveDataset(str(copy)),
+                    lambda: read_archive(str(copy)), lambda: decode_archive(str(copy), str(tmp_path / "never"))):
+        with pytest.raises(ArchiveError, match=r"counts 2 shards but only 1 manifests are present; missing: c-001"):
+            attempt()
+    with caplog.at_level(logging.WARNING):
+        assert sorted(s["__key__"] for s in ArchiveDataset(str(copy), allow_incomplete=True)) == ["dup", "p", "q"]
+    assert "is incomplete" in caplog.text
+
+    (copy / manifest_path("c-001")).write_bytes((cdc_archive / manifest_path("c-001")).read_bytes())
+    location = open_location(str(copy))
+    write_table(location, manifest_path("c-000"), read_manifest(location, "c-000").slice(0, 2))  # a row lost
+    with pytest.raises(ArchiveError, match="counts 5 images but the manifests hold 4"):
+        ArchiveDataset(str(copy))
+    with pytest.raises(ArchiveError, match="counts 5 images"):
+        Archive(str(copy)).record("p")
+
+
+def test_manifest_helpers_read_one_shard(cdc_archive):
+    location = open_location(str(cdc_archive))
+    table = read_manifest(location, "c-001", columns=["key"])
+    assert table.column_names == ["key"] and table["key"].to_pylist() == ["dup", "r"]
+    assert isinstance(table, pa.Table) and Archive(str(cdc_archive)).shard_sizes() == {"c-000": 3, "c-001": 2}

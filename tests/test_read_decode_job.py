@@ -1,0 +1,143 @@
+"""jobs.decode on Ray: safe output names for any key, extras never overwritten, one bad record
+does not stop the rest, resumable shard by shard; and every reader gives the same pixels."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from jobs import decode as decode_job
+from pipeline.archive import Archive, ArchiveError
+from pipeline.decode import MAX_NAME, PARTIAL_DIR, commit_path, decode_archive, safe_name
+from pipeline.loader import ArchiveDataset
+from pipeline.ray_data import decode_records, read_archive
+from pipeline.shards import read_shard
+
+from .pipeline_fixtures import encoded, local_ray  # noqa: F401 - fixture
+from .read_fixtures import HOSTILE_KEYS, compress, copy_archive, png_pixels, sample, write_shards
+
+MASK = encoded(np.full((32, 40, 3), 255, np.uint8), "PNG")
+SHARDS = {"hostile": [sample(key, 2 * i + 1) for i, key in enumerate(HOSTILE_KEYS)],
+          # "b" again, in another shard; "masked": a JPEG image with a PNG mask beside it (issue 8.4)
+          "plain": [sample("b", 40), sample("masked", 41, png=MASK), sample("m0", 42)]}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, local_ray):  # noqa: F811
+    folder = tmp_path_factory.mktemp("decode-job")
+    return compress(write_shards(folder / "in", SHARDS), folder / "out", "cdc-hp128")
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+def test_keys_used_as_file_paths_stay_inside_to_apart_and_reversible(archive, tmp_path):
+    """Issue 8.1: `../../x`, `/abs/dir/x`, `b` / `./b` / `x/../b`, a 240-character key: every PNG
+    lands inside --to under its own name, and the name (or the commit file) gives the key back."""
+    to = tmp_path / "a" / "b" / "png"
+    assert decode_job.main(["--input", str(archive), "--to", str(to), "--steps", "0", "--actors", "1"]) == 0
+    assert files_under(tmp_path) == files_under(to)  # nothing outside --to
+    commit = json.loads((to / commit_path("hostile")).read_text())
+    assert sorted(commit["files"].values()) == sorted(HOSTILE_KEYS) and commit["written"] == len(HOSTILE_KEYS)
+    written = {p.name for p in (to / "hostile").iterdir()}
+    assert written == set(commit["files"]) and len(written) == len(HOSTILE_KEYS)
+    reader = Archive(str(archive))
+    for name, key in commit["files"].items():
+        assert name == f"{safe_name(key)}.png" and "/" not in name and not name.startswith((".", "-"))
+        assert len(name) <= MAX_NAME + 4
+        if "~" not in name:
+            assert unquote(name[:-4]) == key
+        image = png_pixels((to / "hostile" / name).read_bytes())
+        assert np.array_equal(image, reader.decode(key, steps=0, shard="hostile"))
+    assert (to / "plain" / "b.png").is_file() and (to / "hostile" / "b.png").is_file()  # "b" in two shards
+
+
+def test_keys_used_as_file_paths_wds_keeps_true_keys_of_any_length(archive, tmp_path):
+    """Issue 8.1: --format wds wrote USTAR tars (100-character names) after decoding everything;
+    now one PAX shard per archive shard, same name, true keys."""
+    summary = decode_archive(str(archive), str(tmp_path / "wds"), steps=0, fmt="wds", actors=2)
+    assert summary.images == len(HOSTILE_KEYS) + 3 and not summary.errors
+    assert sorted(p.name for p in (tmp_path / "wds").glob("*.tar")) == ["hostile.tar", "plain.tar"]
+    contents = read_shard((tmp_path / "wds" / "hostile.tar").read_bytes())
+    assert not contents.errors and [s.key for s in contents.samples] == HOSTILE_KEYS
+    originals = {s["__key__"]: s for s in SHARDS["hostile"]}
+    for item in contents.samples:
+        assert item.members["cls"] == originals[item.key]["cls"] and item.members["json"] == originals[item.key]["json"]
+        assert np.array_equal(png_pixels(item.members["png"]), Archive(str(archive)).decode(item.key, steps=0,
+                                                                                              shard="hostile"))
+
+
+def test_png_extra_never_overwrites_the_decoded_image(archive, tmp_path):
+    """Issue 8.4: a sample whose extras hold a `.png` (a mask) keeps it; the image is decoded.png."""
+    decode_archive(str(archive), str(tmp_path / "wds"), steps=0, fmt="wds", shards=["plain"], actors=1)
+    with tarfile.open(tmp_path / "wds" / "plain.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    assert members["masked.png"] == MASK
+    image = png_pixels(members["masked.decoded.png"])
+    assert np.array_equal(image, Archive(str(archive)).decode("masked", steps=0, shard="plain"))
+    assert not np.array_equal(image, png_pixels(MASK))
+    assert {"masked.cls", "masked.json", "b.png", "m0.png"} <= set(members)
+    commit = json.loads((tmp_path / "wds" / commit_path("plain")).read_text())
+    assert commit["image_members"] == {"masked": "decoded.png"}
+
+
+def test_keys_used_as_file_paths_one_bad_record_does_not_stop_the_rest(archive, tmp_path, capsys):
+    """A record that cannot be read is listed with its reason; every other record is written."""
+    copy = copy_archive(archive, tmp_path / "copy")
+    row = Archive(str(copy)).record("m0")
+    blob = copy / "data" / "plain.bin"
+    data = bytearray(blob.read_bytes())
+    data[row["offset"] + row["length"] - 1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    to = tmp_path / "wds"
+    assert decode_job.main(["--input", str(copy), "--to", str(to), "--format", "wds", "--steps", "0"]) == 1
+    assert "plain/m0: record 'm0' of shard plain" in capsys.readouterr().out
+    keys = [s.key for s in read_shard((to / "plain.tar").read_bytes()).samples]
+    assert keys == ["b", "masked"] and len(read_shard((to / "hostile.tar").read_bytes()).samples) == len(HOSTILE_KEYS)
+    errors = json.loads((to / commit_path("plain")).read_text())["errors"]
+    assert [e["key"] for e in errors] == ["m0"] and "crc32" in errors[0]["reason"]
+
+
+def test_rerun_skips_decoded_shards_and_never_leaves_a_half_shard(archive, tmp_path):
+    to = tmp_path / "wds"
+    decode_archive(str(archive), str(to), steps=0, fmt="wds", actors=1)
+    first = {p.name: p.read_bytes() for p in to.glob("*.tar")}
+    untouched = (to / "hostile.tar").stat().st_mtime_ns
+    (to / "plain.tar").unlink()               # as if killed while writing plain: no tar, no commit,
+    (to / commit_path("plain")).unlink()      # and a half-written temporary file
+    (to / PARTIAL_DIR).mkdir(parents=True)
+    (to / PARTIAL_DIR / "plain.0123.tar").write_bytes(first["plain.tar"][:1000])
+    summary = decode_archive(str(archive), str(to), steps=0, fmt="wds", actors=1)
+    assert (summary.shards, summary.shards_skipped, summary.run_images) == (2, 1, 3)
+    assert summary.images == len(HOSTILE_KEYS) + 3
+    assert (to / "hostile.tar").stat().st_mtime_ns == untouched
+    assert {p.name: p.read_bytes() for p in to.glob("*.tar")} == first  # deterministic, whole
+    assert not (to / PARTIAL_DIR).exists()
+    with pytest.raises(ArchiveError, match="already holds shard .* decoded with"):
+        decode_archive(str(archive), str(to), steps=1, fmt="wds", actors=1)
+
+
+def test_every_reader_gives_the_same_pixels(archive, tmp_path):
+    """Archive.decode, jobs.decode, the loader (2 workers) and Ray Data: bit-identical, with
+    diffusion steps (float decoders, whose pixels would follow the thread count)."""
+    shard = "plain"
+    reader = Archive(str(archive))
+    expected = {row["key"]: reader.decode(row["key"], steps=1, shard=shard) for row in reader.shard_records(shard)}
+    assert decode_job.main(["--input", str(archive), "--to", str(tmp_path / "png"), "--steps", "1",
+                            "--shards", shard, "--batch-size", "2"]) == 0
+    job = {key: png_pixels((tmp_path / "png" / shard / f"{safe_name(key)}.png").read_bytes()) for key in expected}
+    loader = DataLoader(ArchiveDataset(str(archive), steps=1, shards=[shard], decode_batch=2), batch_size=None,
+                        num_workers=2)
+    loaded = {item["__key__"]: item["image"].numpy() for item in loader}
+    rows = decode_records(read_archive(str(archive), shards=[shard]), steps=1, actors=1).take_all()
+    ray_data = {row["key"]: row["image"] for row in rows}
+    for found in (job, loaded, ray_data):
+        assert found.keys() == expected.keys()
+        assert all(np.array_equal(found[key], expected[key]) for key in expected)
