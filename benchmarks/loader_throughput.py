@@ -2,9 +2,10 @@
 next to webdataset reading the original JPEG shards (what training reads today).
 
     DIFFPRESS_WEIGHTS=../shared/weights python -m benchmarks.loader_throughput \\
-        [--images 8] [--uqdm-images 4] [--workers 2] [--uqdm-codec uqdm-tiny-exact]
+        [--images 8] [--uqdm-images 4] [--uqdm-crop 0] [--workers 2] [--uqdm-codec uqdm-tiny-exact]
 
-Data: the dev photos (768x512) as webdataset shards of JPEG quality 95, two photos a shard;
+Data: the dev photos (768x512; for UQDM optionally their central crops) as webdataset shards of
+JPEG quality 95, two photos a shard;
 compressed by compress_bucket (private in-process Ray, 2 CPUs) with cdc-hp128 and with UQDM.
 Each setting reads its archive through DataLoader(num_workers=W, batch_size=None,
 persistent_workers=True) for two epochs: the first warms up (worker start, codec load), the
@@ -45,12 +46,24 @@ RESULTS = Path(__file__).resolve().parent / "results" / "loader_throughput.json"
 CDC_STEPS = (0, 1, 2, 4)
 PHOTOS_PER_SHARD = 2
 BASELINE_PASSES = 25
-# H100 figures measured elsewhere (not by this benchmark), 768x512 photos, in MP/s
-H100_MP_PER_S = {"cdc steps 0": 11.9, "cdc steps 4": 1.69, "uqdm 1 chunk": 0.39, "uqdm 5 chunks (lossless)": 0.073}
+DEVICE_CHECK = RESULTS.parent / "device_check.json"  # benchmarks/device_session.py on a lent GPU
 
 
-def jpeg_shards(count: int, folder: Path) -> list[str]:
-    """The first `count` dev photos as webdataset shards of JPEG q95 (+ a .cls)."""
+def gpu_codec_speeds() -> dict[str, float]:
+    """The bare codecs' MP/s on the GPU that device_session.py measured (768x512), by setting name."""
+    if not DEVICE_CHECK.exists():
+        return {}
+    check = json.loads(DEVICE_CHECK.read_text())
+    speed, device = check["speed"], check["device"]
+    cdc, uqdm = speed.get("cdc-hp128:q3", {}), speed.get("uqdm-tiny-exact", {})
+    pairs = {"cdc steps 0": cdc.get("decode_mp_s_steps0"), "cdc steps 4": cdc.get("decode_mp_s_steps4"),
+             "uqdm 1 chunk": uqdm.get("decode_mp_s_chunks1"), "uqdm 5 chunks (lossless)": uqdm.get("decode_mp_s_chunks5")}
+    return {name: {"mp_per_s": value, "device": device} for name, value in pairs.items() if value}
+
+
+def jpeg_shards(count: int, folder: Path, crop: int = 0) -> list[str]:
+    """The first `count` dev photos (or their central crop x crop pixels) as webdataset shards
+    of JPEG q95 (+ a .cls)."""
     photos = sorted(DEV_PHOTOS.glob("*.png"))[:count]
     if len(photos) < count:
         raise FileNotFoundError(f"needs {count} dev photos in {DEV_PHOTOS}")
@@ -61,7 +74,11 @@ def jpeg_shards(count: int, folder: Path) -> list[str]:
         with webdataset.TarWriter(url, encoder=False, mtime=0) as writer:
             for path in photos[start:start + PHOTOS_PER_SHARD]:
                 buffer = io.BytesIO()
-                Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=95)
+                image = Image.open(path).convert("RGB")
+                if crop:
+                    left, top = (image.width - crop) // 2, (image.height - crop) // 2
+                    image = image.crop((left, top, left + crop, top + crop))
+                image.save(buffer, format="JPEG", quality=95)
                 writer.write({"__key__": path.stem, "jpg": buffer.getvalue(), "cls": b"0"})
         urls.append(url)
     return urls
@@ -128,6 +145,8 @@ def main() -> None:
     parser.add_argument("--uqdm-images", type=int, default=4, help="dev photos for UQDM (default 4)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--uqdm-codec", default="uqdm-tiny-exact")
+    parser.add_argument("--uqdm-crop", type=int, default=0,
+                        help="UQDM on central crops of this size (default 0: whole photos; it is slow on a CPU)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-loader") as folder, \
             tempfile.TemporaryDirectory(prefix="bench-ray", dir="/tmp") as ray_dir:
@@ -136,7 +155,8 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=ray_dir, log_to_driver=False)
         try:
             cdc = compress(urls, root / "cdc", "cdc-hp128")
-            uqdm = compress(urls[:-(-args.uqdm_images // PHOTOS_PER_SHARD)], root / "uqdm", args.uqdm_codec)
+            uqdm_urls = jpeg_shards(args.uqdm_images, root / "jpeg-uqdm", args.uqdm_crop)
+            uqdm = compress(uqdm_urls, root / "uqdm", args.uqdm_codec)
         finally:
             ray.shutdown()
         settings = {"webdataset jpeg (baseline)": (None, {})}
@@ -151,10 +171,11 @@ def main() -> None:
             else:
                 results[name] = {**archive_loader(url, args.workers, **options),
                                  "one_image_seconds": breakdown(url, options), "options": options}
-    for name, mp in H100_MP_PER_S.items():
-        results[name]["h100_mp_per_s_measured_elsewhere"] = mp
+    for name, gpu in gpu_codec_speeds().items():
+        results[name]["gpu_codec_decode"] = gpu
     report = {"workers": args.workers, "images": args.images, "uqdm_images": args.uqdm_images,
-              "uqdm_codec": args.uqdm_codec, "photo_size": "768x512", "cpu_cores": os.cpu_count(),
+              "uqdm_codec": args.uqdm_codec, "photo_size": "768x512",
+              "uqdm_size": f"{args.uqdm_crop}x{args.uqdm_crop}" if args.uqdm_crop else "768x512", "cpu_cores": os.cpu_count(),
               "machine": platform.processor() or platform.machine(), "torch_threads_per_worker": 1,
               "results": results}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -164,16 +185,18 @@ def main() -> None:
 
 
 def table(report: dict) -> str:
-    lines = [f"| setting ({report['workers']} DataLoader workers, 768x512) | images/s | MP/s | one image: fetch / "
-             "decode (s) | of which entropy+hyper / content / diffusion (s) | H100 MP/s (measured elsewhere) | "
+    lines = [f"| setting ({report['workers']} DataLoader workers; CDC and JPEG 768x512, UQDM {report['uqdm_size']}) "
+             "| images/s | MP/s | one image: fetch / "
+             "decode (s) | of which entropy+hyper / content / diffusion (s) | bare codec decode on a GPU, MP/s (device_check.json) | "
              "load avg |", "|---|---|---|---|---|---|---|"]
     for name, r in report["results"].items():
         one = r.get("one_image_seconds", {})
         split = (f"{one['entropy_and_hyperprior']:.2f} / {one['content_decoder']:.2f} / {one['diffusion_steps']:.2f}"
                  if "content_decoder" in one else "-")
         fetch = f"{one['fetch'] * 1000:.1f} ms / {one['decode']:.2f}" if one else "-"
-        lines.append(f"| {name} | {r['images_per_s']:.3f} | {r['mp_per_s']:.3f} | {fetch} | {split} | "
-                     f"{r.get('h100_mp_per_s_measured_elsewhere', '-')} | {r['load_average']:.1f} |")
+        gpu = f"{r['gpu_codec_decode']['mp_per_s']:.3g}" if "gpu_codec_decode" in r else "-"
+        lines.append(f"| {name} | {r['images_per_s']:.3f} | {r['mp_per_s']:.3f} | {fetch} | {split} | {gpu} | "
+                     f"{r['load_average']:.1f} |")
     return "\n".join(lines)
 
 
