@@ -48,7 +48,7 @@ def main() -> None:
     print("| point | bpp | PSNR | MS-SSIM | bits vs JPEG (PSNR) | (MS-SSIM) |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['point']} | {r['bpp']:.3f} | {r['psnr']:.2f} | {r['msssim']:.4f} | "
-              + " | ".join("n/a" if r[k] is None else f"{r[k]:+.1f}%" for k in ("bits_vs_jpeg_psnr", "bits_vs_jpeg_msssim"))
+              + " | ".join("n/a" if r[k] is None else f"{r[k]:+.1f}%" for k in ("bits_vs_jpeg_psnr", "bits_vs_jpeg_msssim_db"))
               + " |")
 
 
