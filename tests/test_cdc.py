@@ -290,6 +290,19 @@ def test_derived_rate_points_scale_a_trained_points_gains_and_change_only_the_co
     assert more.config["rates"] == weights.config["rates"] + ["q8"] and more.provenance.endswith("then: a test")
 
 
+def test_derive_rates_command_rewrites_the_file_and_records_itself(tmp_path):
+    from jobs import derive_rates
+
+    path = tmp_path / "cdc.safetensors"
+    path.write_bytes(resolve(NAME).read_bytes())
+    assert derive_rates.main([str(path), "q8=q6*2"]) == 0
+    weights = read_weights(path)
+    assert weights.config["rates"][-1] == "q8" and "python -m jobs.derive_rates" in weights.provenance
+    assert load_codec(str(path) + ":q8", device="cpu").rate_names[-1] == "q8"
+    with pytest.raises(SystemExit):  # argparse: not NAME=RATE*K
+        derive_rates.main([str(path), "q9=q6+2"])
+
+
 def test_paper_preset_runs_the_same_code_at_the_authors_sizes():
     from model.cdc.model import CDCModel
 

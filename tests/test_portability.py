@@ -55,7 +55,8 @@ def streams(tmp_path_factory, weights_dir, uqdm, cdc) -> tuple[Path, dict]:
     spec = {"uqdm-b2.bin": (uqdm, "uqdm-test", photo(64, 100)),                 # 2 tiles, one segment
             "uqdm-b1.bin": (one_tile_groups, "uqdm-test", photo(64, 100)),      # the same, one tile a segment
             "cdc-q1.bin": (load_codec("cdc-hp128:q1", device="cpu"), "cdc-hp128:q1", photo(70, 130)),
-            "cdc-q6.bin": (load_codec("cdc-hp128:q6", device="cpu"), "cdc-hp128:q6", photo(70, 130, 300, 60))}
+            # q7: a derived rate point (q6's gains x 1.4), the largest z and y symbols shipped
+            "cdc-q7.bin": (load_codec("cdc-hp128:q7", device="cpu"), "cdc-hp128:q7", photo(70, 130, 300, 60))}
     expected = {}
     for stream, (codec, name, img) in spec.items():
         data = codec.compress(img)
@@ -112,7 +113,7 @@ def test_uqdm_decodes_alike_whatever_tiles_are_batched_together(streams):
 
 def test_cdc_decodes_alike_alone_or_in_a_batch(streams, cdc):
     folder, _ = streams
-    datas = [(folder / name).read_bytes() for name in ("cdc-q1.bin", "cdc-q6.bin")] * 2
+    datas = [(folder / name).read_bytes() for name in ("cdc-q1.bin", "cdc-q7.bin")] * 2
     together = cdc.decompress_batch(datas, steps=2)
     for data, pixels in zip(datas, together):
         np.testing.assert_array_equal(cdc.decompress(data, steps=2), pixels)
