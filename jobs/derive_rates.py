@@ -18,7 +18,7 @@ from jobs._cli import setup_logging
 from model.cdc.train import with_derived_rates
 from model.registry import read_weights, save_weights
 
-_SPEC = re.compile(r"^(\w+)=(\w+)\*([0-9.]+)$")
+_SPEC = re.compile(r"^(\w+)=(\w+)\*([0-9]+(?:\.[0-9]*)?)$")
 
 
 def parse_spec(text: str) -> tuple[str, str, float]:
