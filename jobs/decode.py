@@ -21,6 +21,7 @@ import sys
 
 from jobs._cli import setup_logging
 from pipeline.archive import ArchiveError
+from pipeline.compress import ConfigError
 from pipeline.decode import FORMATS, decode_archive
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                                  chunks=args.chunks, fmt=args.format, shards=args.shards, actors=args.actors,
                                  gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
                                  allow_incomplete=args.allow_incomplete)
-    except ArchiveError as exc:  # a setting or an archive this job cannot read: say why, no traceback
+    except (ArchiveError, ConfigError) as exc:  # a setting, an archive or a pool this job cannot take: say why
         print(f"python -m jobs.decode: error: {exc}", file=sys.stderr)
         return 2
     print(summary.table())

@@ -248,27 +248,33 @@ def _refuse_other_sources(config: CompressConfig, shards: list[Shard],
                           + "\nWrite to another --output, or rename these inputs.")
 
 
-def _runtime_env() -> dict | None:
+def runtime_env() -> dict | None:
+    """The driver's environment that every worker needs too (encoders, decoders, readers): where
+    load_codec finds weights, botocore's checksum mode. Never credentials."""
     env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
     return {"env_vars": env} if env else None
 
 
-def _start_encoders(config: CompressConfig) -> tuple[list, bool]:
+def actor_pool(actors: int | None, gpus_per_actor: float | None, what: str) -> tuple[int, float]:
+    """(how many actors, GPUs each) for a pool of `what` (encoders, decoders): by default one per
+    GPU when the cluster has GPUs, else one per CPU. A pool the cluster cannot hold is refused:
+    its actors would wait for resources forever, and the work sent to them."""
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
-    per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1 if gpus else 0)
-    if per_actor:
-        count = config.actors or max(1, int(gpus // per_actor))
-    else:
-        count = config.actors or max(1, int(cpus))
-    # Actors that do not fit would wait for resources forever, and the batches sent to them.
+    per_actor = gpus_per_actor if gpus_per_actor is not None else (1 if gpus else 0)
+    count = actors or max(1, int(gpus // per_actor if per_actor else cpus))
     if count * per_actor > gpus:
-        raise ConfigError(f"{count} encoders of {per_actor:g} GPU each need {count * per_actor:g} GPUs; the cluster "
-                          f"has {gpus:g}: lower --actors or --gpus-per-actor (0 encodes on CPUs)")
+        raise ConfigError(f"{count} {what} of {per_actor:g} GPU each need {count * per_actor:g} GPUs; the cluster "
+                          f"has {gpus:g}: lower --actors or --gpus-per-actor (0 runs them on CPUs)")
     if count > cpus:
-        raise ConfigError(f"{count} encoders need a CPU each; the cluster has {cpus:g}: lower --actors")
+        raise ConfigError(f"{count} {what} need a CPU each; the cluster has {cpus:g}: lower --actors")
+    return count, per_actor
+
+
+def _start_encoders(config: CompressConfig) -> tuple[list, bool]:
+    count, per_actor = actor_pool(config.actors, config.gpus_per_actor, "encoders")
     remote = ray.remote(Encoder).options(num_cpus=1, num_gpus=per_actor, max_restarts=-1, max_task_retries=ENCODER_RETRIES,
-                                         runtime_env=_runtime_env())
+                                         runtime_env=runtime_env())
     log.info("starting %d encoder actors (%s GPU each)", count, per_actor)
     return [remote.remote(config.codec, i) for i in range(count)], bool(per_actor)
 
@@ -284,8 +290,8 @@ class _Scheduler:
         # bounds how many run) and spread over the nodes.
         self.decode = decode_shard.options(num_cpus=1 if use_gpus else 0, scheduling_strategy="SPREAD",
                                            _generator_backpressure_num_objects=2 * len(encoders) + 2,
-                                           runtime_env=_runtime_env())
-        self.commit = commit.options(runtime_env=_runtime_env())
+                                           runtime_env=runtime_env())
+        self.commit = commit.options(runtime_env=runtime_env())
         self.max_decoding = len(encoders) + 1
         self.todo: deque[Shard] = deque()
         self.decoding: dict = {}          # generator -> _ShardProgress

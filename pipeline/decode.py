@@ -48,8 +48,7 @@ from tqdm import tqdm
 from model.images import encode_png
 
 from .archive import Archive, ArchiveError
-from .compress import connect_ray
-from .ray_data import decoder_pool, runtime_env
+from .compress import actor_pool, connect_ray, runtime_env
 from .storage import Location, open_location
 
 log = logging.getLogger(__name__)
@@ -173,7 +172,7 @@ def _run(config: DecodeConfig, settings: dict, todo: dict[str, list[int] | None]
          actors: int | None, gpus_per_actor: float | None) -> tuple[dict[str, dict], dict[str, str]]:
     """Decode the shards of `todo` on an actor pool; (commits by shard, failures by shard)."""
     connect_ray()
-    count, gpus = decoder_pool(actors, gpus_per_actor)
+    count, gpus = actor_pool(actors, gpus_per_actor, "decoders")
     remote = ray.remote(ShardDecoder).options(num_cpus=1, num_gpus=gpus, max_restarts=-1, max_task_retries=3,
                                               runtime_env=runtime_env())
     pool = [remote.remote(config, settings, allow_incomplete) for _ in range(min(count, len(todo)))]

@@ -17,7 +17,6 @@ and decode through the same path as Archive.decode and the loader, so the pixels
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -30,21 +29,15 @@ from ray.data.extensions import ArrowVariableShapedTensorArray
 from model import Codec, load_codec
 
 from .archive import Archive, ArchiveError, decode_options, decompress
-from .compress import PASSED_ENV
+from .compress import actor_pool, runtime_env
+from .manifest import MANIFEST_SCHEMA
 
 RECORDS_PER_BLOCK = 256
-MANIFEST_FIELDS = ("shard", "key", "width", "height", "codec", "weights_digest")  # copied from the manifest rows
-RECORD_SCHEMA = pa.schema([
-    ("shard", pa.string()),
-    ("key", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("codec", pa.string()),
-    ("weights_digest", pa.string()),
-    ("chunks", pa.int32()),
-    ("extras", pa.map_(pa.string(), pa.binary())),
-    ("data", pa.binary()),
-])
+MANIFEST_FIELDS = ("key", "width", "height", "codec", "weights_digest")  # copied from the manifest rows
+# The manifest's own field types (the contract), plus where each record is and what was fetched.
+RECORD_SCHEMA = pa.schema([pa.field("shard", pa.string()), *(MANIFEST_SCHEMA.field(name) for name in MANIFEST_FIELDS),
+                           pa.field("chunks", pa.int32()), MANIFEST_SCHEMA.field("extras"),
+                           pa.field("data", pa.binary())])
 
 
 def read_archive(url: str, storage_options: Mapping | None = None, *, chunks: int | None = None,
@@ -96,7 +89,7 @@ class ArchiveDatasource(Datasource):
                 block = records[start:start + RECORDS_PER_BLOCK]
                 datas = archive.fetch(block, chunks)
                 yield pa.Table.from_pylist(
-                    [{**{name: row[name] for name in MANIFEST_FIELDS}, "chunks": chunks,
+                    [{"shard": row["shard"], **{name: row[name] for name in MANIFEST_FIELDS}, "chunks": chunks,
                       "extras": list(row["extras"].items()), "data": data} for row, data in zip(block, datas)],
                     schema=RECORD_SCHEMA)
         return read
@@ -107,25 +100,10 @@ def decode_records(records: ray.data.Dataset, steps: int | None = None, *, batch
     """Decode read_archive's records with map_batches over a pool of decoder actors (one per GPU
     when the cluster has GPUs, else one per CPU; `actors` and `gpus_per_actor` choose).
     `steps`: CDC's diffusion steps (UQDM's prefix was chosen when reading, with chunks)."""
-    count, gpus = decoder_pool(actors, gpus_per_actor)
+    count, gpus = actor_pool(actors, gpus_per_actor, "decoders")
     return records.map_batches(RecordDecoder, fn_constructor_kwargs={"steps": steps}, batch_size=batch_size,
                                batch_format="pyarrow", concurrency=count, num_cpus=1, num_gpus=gpus,
                                **{"runtime_env": runtime_env(), **map_args})
-
-
-def runtime_env() -> dict | None:
-    """The driver's environment that readers and decoders need too (compress passes the same):
-    where load_codec finds weights, botocore's checksum mode. Never credentials."""
-    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
-    return {"env_vars": env} if env else None
-
-
-def decoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float]:
-    """(number of decoder actors, GPUs each): by default one per GPU in the cluster, else one per CPU."""
-    resources = ray.cluster_resources()
-    gpus = gpus_per_actor if gpus_per_actor is not None else float(resources.get("GPU", 0) > 0)
-    default = resources.get("GPU", 0) // gpus if gpus else resources.get("CPU", 1)
-    return actors or max(1, int(default)), gpus
 
 
 class RecordDecoder:

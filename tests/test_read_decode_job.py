@@ -141,3 +141,11 @@ def test_every_reader_gives_the_same_pixels(archive, tmp_path):
     for found in (job, loaded, ray_data):
         assert found.keys() == expected.keys()
         assert all(np.array_equal(found[key], expected[key]) for key in expected)
+
+
+def test_more_decoders_than_the_cluster_holds_are_refused_not_waited_for(archive, tmp_path, capsys):
+    """As compress_bucket refuses encoders that cannot fit: 3 decoders on 2 CPUs would wait forever."""
+    assert decode_job.main(["--input", str(archive), "--to", str(tmp_path / "never"), "--actors", "3"]) == 2
+    assert "3 decoders need a CPU each; the cluster has 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="1 decoders of 1 GPU each need 1 GPUs; the cluster has 0"):
+        decode_records(read_archive(str(archive)), actors=1, gpus_per_actor=1)
