@@ -17,13 +17,11 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import exact
 from ..exact import INT16
-from ..tables import EXP_FRAC, SIN_FRAC, SIN_PERIOD, torch_table
+from ..exact.tables import EXP_FRAC, SIN_FRAC, SIN_PERIOD, torch_table
 
 Z_EXPONENT = 12        # latents live on a 2^-12 grid
 FOURIER_EXPONENT = SIN_FRAC

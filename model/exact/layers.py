@@ -1,123 +1,21 @@
-"""Exact arithmetic for everything that decides a coding table: same numbers on every machine.
+"""Integer layers in integer-valued float64: convolutions, requantization, GroupNorm, lookups.
 
-Why: the entropy coder's tables come from network outputs, so encoder and decoder must
-compute them identically, on any CPU or GPU, any thread count and batch size, years
-apart. Floating-point networks do not: kernels sum in different orders and math
-libraries round exp/log differently (measured here: streams written with the default
-kernels failed to decode under AVX2 or scalar kernels). The scheme, after Ballé, Johnston
-& Minnen, "Integer networks for data compression with latent-variable models" (2019):
-
-- Integer-valued tensors in float64. Weights are integers (|w| < 2^15) with a float scale
-  per output channel; activations are integers (|x| < 2^15, or 2^19 where stated) with
-  a power-of-two scale 2^-e per tensor. Every product and every partial sum of a
-  convolution or matmul is then an integer below 2^53, which float64 represents exactly:
-  any summation order, kernel, thread count, batch size or device gives the same bits.
-  Convolutions are an explicit im2col matmul (Winograd and FFT algorithms are inexact
-  even on integers; float64 has no TF32/bf16 shortcut).
-- Between integer stages only correctly rounded IEEE operations (+, -, *, /, sqrt) on
-  tensors, in a fixed order, then round-half-even: identical on every IEEE-754 machine.
-  Never a division by a Python number (CUDA turns it into a multiplication by the
-  reciprocal): constants are multiplied, or divided as tensors.
-- Transcendental functions come from integer tables (`tables.py`).
-- Coding distributions are integer frequencies summing to 2^24, handed to constriction
-  so that its quantization is the identity (see `frequency_rows`).
-- Shared randomness (dither, noise) from an integer hash, not a platform's RNG.
+Every product and partial sum is an integer below 2^53, so any summation order, kernel,
+thread count, batch size or device gives the same bits (see the package docstring).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .tables import (EXP_FRAC, NORMAL_BITS, NORMAL_FRAC, SIGMOID_FRAC, SIGMOID_LIMIT, SIGMOID_ONE, tables,
-                     torch_table)
+from .tables import SIGMOID_FRAC, SIGMOID_LIMIT, SIGMOID_ONE, torch_table
 
-#: constriction's fixed-point precision: frequencies of a row sum to 2^PRECISION
-PRECISION = 24
 INT16 = (1 << 15) - 1
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
-
-# ------------------------------------------------------------------ randomness
-def random_bits(seed: int, stream: int, count: int) -> np.ndarray:
-    """`count` uint32 from a counter-based hash (splitmix64's finalizer) of (seed, stream, index).
-
-    Pure integer arithmetic: the same numbers on every machine and for every batching.
-    """
-    with np.errstate(over="ignore"):
-        key = np.uint64(seed & 0xFFFFFFFF) * _GOLDEN + np.uint64(stream & 0xFFFFFFFFFFFF) * _MIX2
-        x = key + np.arange(count, dtype=np.uint64) * _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * _MIX1
-        x = (x ^ (x >> np.uint64(27))) * _MIX2
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(32)).astype(np.uint32)
-
-
-def normal_noise(seed: int, stream: int, count: int) -> np.ndarray:
-    """Standard normal samples on a 2^-12 grid, as integers (value = n / 4096), from a quantile table."""
-    return tables()["NORMAL"][random_bits(seed, stream, count) >> np.uint32(32 - NORMAL_BITS)]
-
-
-NOISE_SCALE = 1.0 / (1 << NORMAL_FRAC)
-
-
-def dither(seed: int, stream: int, count: int, bits: int = 8) -> np.ndarray:
-    """Dither u ~ U(-1/2, 1/2) on a grid of 2^-bits, as odd integers in units of 2^-(bits+1)."""
-    j = (random_bits(seed, stream, count) >> np.uint32(32 - bits)).astype(np.int64)
-    return 2 * j + 1 - (1 << bits)
-
-
-# ------------------------------------------------------------------ coding distributions
-def frequency_rows(weights: np.ndarray) -> np.ndarray:
-    """Non-negative integer weights (n, K) -> rows whose entries are integers summing to 2^24 - K.
-
-    constriction's fast categorical quantizer gives symbol i the frequency
-    floor(cumsum_{<i+1} * s) - floor(cumsum_{<i} * s) + 1 with s = (2^24 - K) / sum(row):
-    with integer rows summing to 2^24 - K, s is exactly 1, so every symbol's frequency is
-    exactly our integer + 1 (every symbol stays codable), whatever machine runs it.
-    The remainder of the rounding goes to the row's most likely entry (the first, on ties).
-    """
-    weights = np.asarray(weights, dtype=np.int64)
-    n, k = weights.shape
-    target = (1 << PRECISION) - k
-    total = weights.sum(axis=1, keepdims=True)
-    if (total <= 0).any():
-        raise ValueError("every row needs some positive weight")
-    scaled = weights * target // total
-    top = weights.argmax(axis=1)
-    scaled[np.arange(n), top] += target - scaled.sum(axis=1)
-    return scaled.astype(np.float64)
-
-
-def sigmoid_fixed(x: np.ndarray, frac_bits: int) -> np.ndarray:
-    """sigmoid(x / 2^frac_bits) in units of 2^-24, for integer x: table + exact linear interpolation."""
-    shift = frac_bits - SIGMOID_FRAC
-    if shift < 0:
-        raise ValueError("arguments need at least the table's resolution")
-    table = tables()["SIGMOID"]
-    limit = SIGMOID_LIMIT << frac_bits
-    x = np.clip(np.asarray(x, dtype=np.int64), -limit, limit)
-    position = x + limit  # >= 0
-    index = position >> shift
-    frac = position - (index << shift)
-    lo = table[index]
-    hi = table[np.minimum(index + 1, table.size - 1)]
-    return lo + (((hi - lo) * frac) >> shift)
-
-
-def exp_fixed(d: np.ndarray) -> np.ndarray:
-    """exp(-d / 2^8) in units of 2^-24 for integer d >= 0 (0 beyond the table)."""
-    table = tables()["EXP"]
-    d = np.asarray(d, dtype=np.int64)
-    return np.where(d < table.size, table[np.clip(d, 0, table.size - 1)], 0)
-
-
-# ------------------------------------------------------------------ integer layers (torch)
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
            padding: int = 0) -> torch.Tensor:
     """Integer convolution in float64; exact while partial sums stay below 2^53.
@@ -135,6 +33,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if bias is not None:
             acc = acc + (bias[:, :, None, None] if bias.dim() == 2 else bias[None, :, None, None])
         return acc
+    return im2col_conv2d(x, weight, bias, stride, padding)
+
+
+def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                  padding: int = 0) -> torch.Tensor:
+    """`conv2d` spelled out as unfold + matmul (what runs on GPUs, where cuDNN may pick Winograd)."""
     b, _, h, w = x.shape
     c_out, _, k, _ = weight.shape
     h_out, w_out = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
