@@ -33,7 +33,7 @@ log = logging.getLogger("benchmarks.device_session")
 HERE = Path(__file__).resolve().parents[1]
 STREAMS = HERE / ".gpu" / "streams"
 WEIGHTS = HERE / ".gpu" / "weights"
-CODECS = ("uqdm-tiny-exact", "cdc-hp128:q3")
+CODECS = ("uqdm-tiny-exact2", "cdc-hp128:q3")
 
 
 def _sha(array) -> str:

@@ -2,7 +2,7 @@
 next to webdataset reading the original JPEG shards (what training reads today).
 
     DIFFPRESS_WEIGHTS=../shared/weights python -m benchmarks.loader_throughput \\
-        [--images 8] [--uqdm-images 4] [--uqdm-crop 0] [--workers 2] [--uqdm-codec uqdm-tiny-exact]
+        [--images 8] [--uqdm-images 4] [--uqdm-crop 0] [--workers 2] [--uqdm-codec uqdm-tiny-exact2]
 
 Data: the dev photos (768x512; for UQDM optionally their central crops) as webdataset shards of
 JPEG quality 95, two photos a shard;
@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 import webdataset
@@ -55,7 +54,7 @@ def gpu_codec_speeds() -> dict[str, float]:
         return {}
     check = json.loads(DEVICE_CHECK.read_text())
     speed, device = check["speed"], check["device"]
-    cdc, uqdm = speed.get("cdc-hp128:q3", {}), speed.get("uqdm-tiny-exact", {})
+    cdc, uqdm = speed.get("cdc-hp128:q3", {}), speed.get("uqdm-tiny-exact2", {})
     pairs = {"cdc steps 0": cdc.get("decode_mp_s_steps0"), "cdc steps 4": cdc.get("decode_mp_s_steps4"),
              "uqdm 1 chunk": uqdm.get("decode_mp_s_chunks1"), "uqdm 5 chunks (lossless)": uqdm.get("decode_mp_s_chunks5")}
     return {name: {"mp_per_s": value, "device": device} for name, value in pairs.items() if value}
@@ -144,7 +143,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8, help="dev photos for CDC and webdataset (default 8)")
     parser.add_argument("--uqdm-images", type=int, default=4, help="dev photos for UQDM (default 4)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--uqdm-codec", default="uqdm-tiny-exact")
+    parser.add_argument("--uqdm-codec", default="uqdm-tiny-exact2")
     parser.add_argument("--uqdm-crop", type=int, default=0,
                         help="UQDM on central crops of this size (default 0: whole photos; it is slow on a CPU)")
     args = parser.parse_args()

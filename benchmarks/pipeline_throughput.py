@@ -99,7 +99,7 @@ def _megapixels(images: list[np.ndarray]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--codec", default="uqdm-tiny-exact")
+    parser.add_argument("--codec", default="uqdm-tiny-exact2")
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--side", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)

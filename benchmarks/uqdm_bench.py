@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -115,7 +114,7 @@ def float_nelbo(weights_float, codec, img: np.ndarray) -> np.ndarray:
         z = codec._initial_latent(first, last).cpu() / 4096.0
         for i, step in enumerate(steps):
             with torch.no_grad():
-                eps, scale = (t.double() for t in net(z.float(), torch.tensor(gammas[i])))
+                eps, scale = (t.double() for t in net(z.float(), torch.tensor(float(gammas[i]))))
             p_loc = step.loc_scale * (z - step.eps_scale * eps)
             r = (scale * step.prior_scale * 65536.0).numpy()[m.numpy()]
             u = (codec._dither(first, last, i).cpu() / 512.0)
@@ -204,7 +203,7 @@ def memory(weights: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["progressive", "fidelity", "exactness", "speed", "memory"])
-    parser.add_argument("--weights", default="uqdm-tiny-exact")
+    parser.add_argument("--weights", default="uqdm-tiny-exact2")
     parser.add_argument("--images", type=int, default=12, help="how many dev photos to use")
     args = parser.parse_args(argv)
     codec = load_codec(args.weights, device="cpu")

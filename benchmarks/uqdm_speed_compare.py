@@ -1,7 +1,7 @@
 """UQDM encode/decode MP/s on one 384x256 dev-photo crop, runnable from any checkout: the
 before/after of the exact codec (issue "Portable archives"). Prints one JSON line.
 
-    python benchmarks/uqdm_speed_compare.py uqdm-tiny-exact 2                # this checkout, 2 threads
+    python benchmarks/uqdm_speed_compare.py uqdm-tiny-exact2 2                # this checkout, 2 threads
     git worktree add /tmp/float 25f0813 && cd /tmp/float && \\
         DIFFPRESS_WEIGHTS=DIR python /path/to/this/file uqdm-tiny 2          # the float codec it replaced
 

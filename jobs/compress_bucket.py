@@ -19,7 +19,7 @@ from jobs._cli import setup_logging
 from pipeline.compress import CompressConfig, ConfigError, connect_ray, run_compress
 from pipeline.samples import build_sample_shards
 
-DEFAULT_CODEC = "cdc-hp128"  # shipped in model/weights/; uqdm-tiny-exact needs jobs.import_uqdm first
+DEFAULT_CODEC = "cdc-hp128"  # shipped in model/weights/; uqdm-tiny-exact2 needs jobs.import_uqdm first
 DEFAULT_OUTPUT = "out/compress_bucket"
 SAMPLE_SHARDS = "out/sample_shards"
 INCOMPLETE = 3  # exit status when shards were left uncommitted by transient failures (rerun to retry)

@@ -4,8 +4,8 @@
 
 The checkpoint comes from the authors' repository (github.com/mandt-lab/uqdm,
 checkpoints/uqdm-tiny: config.json and checkpoint.pt). Writes
-~/.cache/diffpress/weights/uqdm-tiny-exact.safetensors by default, where
-`load_codec("uqdm-tiny-exact")` finds it (or set DIFFPRESS_WEIGHTS to the output folder).
+~/.cache/diffpress/weights/uqdm-tiny-exact2.safetensors by default, where
+`load_codec("uqdm-tiny-exact2")` finds it (or set DIFFPRESS_WEIGHTS to the output folder).
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, help="output .safetensors path (default: the user weights folder)")
     args = parser.parse_args(argv)
     setup_logging()
-    weights = import_exact(args.source, name=args.name)
-    path = save_weights(weights, args.out or USER_DIR / f"{args.name}.safetensors")
+    try:
+        weights = import_exact(args.source, name=args.name)
+        path = save_weights(weights, args.out or USER_DIR / f"{args.name}.safetensors")
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # a wrong folder, a tampered file: one line
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     log.info("wrote %s (digest %s)", path, weights.digest.hex())
     return path
 

@@ -59,7 +59,7 @@ def pytest_runtest_makereport(item, call):
 # ---------------------------------------------------------------------- weights
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory) -> Path:
-    """A weights folder holding the seeded exact UQDM as `uqdm-test` (and `uqdm-tiny-exact` once
+    """A weights folder holding the seeded exact UQDM as `uqdm-test` (and `uqdm-tiny-exact2` once
     the `uqdm_tiny` fixture has imported it). Exported as DIFFPRESS_WEIGHTS in os.environ, so
     that `load_codec` finds them here and in every Ray worker or child process the tests start.
     """

@@ -2,6 +2,7 @@
 
     python -m tests.portability_child STREAMS_DIR OUT.npz     (stdout: the kernels and threads used)
     python -m tests.portability_child --archive URL OUT.npz   (every record of an archive)
+    python -m tests.portability_child --digests [UQDM_TINY_DIR]  (stdout: digests of weights made here)
 
 The parent sets the CPU kernels (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA) and the thread
 count in the environment, the way another machine would differ.
@@ -45,7 +46,26 @@ def archive_decodes(url: str) -> dict[str, dict[str, object]]:
     return {key: {"pixels": archive.decode(key)} for key in archive.keys()}
 
 
+def made_weights_digests(uqdm_tiny: str | None) -> dict[str, str]:
+    """Digests of the weights this process makes: the seeded test UQDM, a derived CDC rate point,
+    and the authors' UQDM imported from `uqdm_tiny` when given."""
+    from model.cdc.train import with_derived_rates
+    from model.registry import read_weights, resolve
+    from model.uqdm.importer import import_exact
+
+    from .uqdm_fixtures import seeded_exact_weights
+
+    cdc = with_derived_rates(read_weights(resolve("cdc-hp128")), [("q8", "q6", 1.7)], "a test")
+    digests = {"uqdm-test": seeded_exact_weights().digest.hex(), "cdc-derived": cdc.digest.hex()}
+    if uqdm_tiny:
+        digests["uqdm-tiny"] = import_exact(uqdm_tiny).digest.hex()
+    return digests
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--digests":
+        print(json.dumps(made_weights_digests(sys.argv[2] if len(sys.argv) > 2 else None)))
+        sys.exit(0)
     results = archive_decodes(sys.argv[2]) if sys.argv[1] == "--archive" else main(Path(sys.argv[1]))
     np.savez(Path(sys.argv[-1]), **{f"{stream}|{name}": value for stream, found in results.items()
                                    for name, value in found.items()})

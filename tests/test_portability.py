@@ -1,4 +1,6 @@
-"""Portable archives: a stream decodes the same on other CPU kernels, thread counts and batch sizes.
+"""Portable archives: a stream decodes the same on other CPU kernels, thread counts and batch sizes,
+and weights made from the same sources (an import, the seeded test model, a derived rate) come out
+with one digest on every kernel.
 
 Streams are written in this process with the default kernels; child processes forced onto
 other kernels (the way a machine of another generation or vendor runs them) decode them.
@@ -19,13 +21,17 @@ import numpy as np
 import pytest
 
 from model import decode_image, load_codec
+from model.paths import UQDM_TINY_SOURCE
 from model.uqdm.codec import UQDMCodec
+from model.uqdm.importer import CALIBRATION
 
 from pipeline.archive import Archive
 from pipeline.compress import CompressConfig, run_compress
 
 from .pipeline_fixtures import build_dataset, local_ray  # noqa: F401 - fixture
+from .conftest import HOW_TO_PROVIDE
 from .portability_child import decodes
+from .uqdm_fixtures import CALIBRATION as UQDM_TEST_CALIBRATION
 
 REPO = Path(__file__).resolve().parents[1]
 #: the kernels a machine of another generation or vendor would run
@@ -100,6 +106,31 @@ def test_streams_decode_alike_on_other_kernels_and_thread_counts(streams, kernel
     folder, expected = streams
     env = {**KERNELS[kernels], "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     assert_same_decodes(expected, decode_elsewhere(folder, env, tmp_path / "found.npz"))
+
+
+def digests_elsewhere(env: dict[str, str], uqdm_tiny: Path | None = None) -> dict[str, str]:
+    command = [sys.executable, "-m", "tests.portability_child", "--digests"] + ([str(uqdm_tiny)] if uqdm_tiny else [])
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_weights_made_here_get_one_digest_on_every_kernel():
+    """The seeded test UQDM (hash-initialized, quantized as an import does) and a derived CDC rate
+    point: the recorded digest, in processes on every kernel setting."""
+    recorded = json.loads(UQDM_TEST_CALIBRATION.read_text())["digest"]
+    found = {name: digests_elsewhere(env) for name, env in KERNELS.items()}
+    assert {d["uqdm-test"] for d in found.values()} == {recorded}, found
+    assert len({d["cdc-derived"] for d in found.values()}) == 1, found
+
+
+@pytest.mark.shared
+def test_the_authors_uqdm_imports_to_the_recorded_digest_on_every_kernel():
+    if not (UQDM_TINY_SOURCE / "checkpoint.pt").is_file():
+        pytest.skip(f"needs the authors' checkpoint in {UQDM_TINY_SOURCE}: {HOW_TO_PROVIDE}")
+    recorded = json.loads(CALIBRATION.read_text())["digest"]
+    found = {name: digests_elsewhere(env, UQDM_TINY_SOURCE)["uqdm-tiny"] for name, env in KERNELS.items()}
+    assert set(found.values()) == {recorded}, found
 
 
 def test_uqdm_decodes_alike_whatever_tiles_are_batched_together(streams):

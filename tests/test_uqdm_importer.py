@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from model.paths import REPO
 from model.uqdm.importer import CALIBRATION, import_checkpoint, import_exact
 from model.uqdm.int_net import site_names
 from model.uqdm.quantize import to_exact
@@ -113,3 +116,46 @@ def test_checkpoints_that_do_not_match_the_architecture_are_refused(tmp_path, fl
     folder = write_authors_checkpoint(tmp_path / change, float_weights, model_config=config, shadow_params=shadow)
     with pytest.raises(ValueError, match=message):
         import_checkpoint(folder)
+
+
+@pytest.mark.parametrize("tamper,message", [
+    ("exponent", "not the"),                   # one exponent moved: other weights, refused by the digest
+    ("weight", "not the"),                     # one checkpoint value changed
+    ("nan", "not the"),                        # a NaN in the checkpoint
+    ("no_digest", "not a calibration record"),  # nothing to check against: refused, not imported unchecked
+    ("missing_site", "wrong or missing: conv_in"),
+    ("not_json", "not a calibration record"),
+])
+def test_a_tampered_calibration_or_checkpoint_is_refused_never_imported_silently(
+        tmp_path, float_weights, uqdm, tamper, message):
+    exponents = exponents_of(uqdm.weights)
+    record = {"exponents": exponents, "digest": to_exact(float_weights, exponents, "x").digest.hex()}
+    tensors = dict(float_weights.tensors)
+    if tamper == "exponent":
+        record["exponents"] = {**exponents, "mid1.hidden": [e + 1 for e in exponents["mid1.hidden"]]}
+    elif tamper in ("weight", "nan"):
+        name = "net.mid1.net1.2.weight"
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[7] = float("nan") if tamper == "nan" else tensors[name].view(-1)[7] * 1.001
+    elif tamper == "no_digest":
+        del record["digest"]
+    elif tamper == "missing_site":
+        del record["exponents"]["conv_in"]
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text("{not json" if tamper == "not_json" else json.dumps(record))
+    folder = write_authors_checkpoint(tmp_path / "ckpt", float_weights,
+                                      shadow_params=[v for k, v in tensors.items() if k.startswith("net.")]
+                                      + [tensors["gamma_slope"]])
+    with pytest.raises(ValueError, match=message):
+        import_exact(folder, calibration=calibration)
+
+
+def test_the_import_command_refuses_other_weights_in_one_line_and_writes_nothing(checkpoint, tmp_path):
+    """A user pointing the import at the wrong checkpoint gets exit 2 and one line, no traceback."""
+    out = tmp_path / "out.safetensors"
+    run = subprocess.run([sys.executable, "-m", "jobs.import_uqdm", str(checkpoint), "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "differs from the authors' uqdm-tiny" in lines[0]
+    assert "Traceback" not in run.stderr and not out.exists()

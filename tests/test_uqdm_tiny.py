@@ -87,7 +87,7 @@ def float_nelbo_bits(float_weights, tile: np.ndarray, seed: int = 0) -> list[flo
     bits = []
     with torch.no_grad():
         for i, step in enumerate(steps):
-            eps, scale = (t.double() for t in net(z.float(), torch.tensor(gammas[i])))
+            eps, scale = (t.double() for t in net(z.float(), torch.tensor(float(gammas[i]))))
             p_loc = (z - eps * step.eps_scale) * step.loc_scale
             r = scale * (step.prior_scale * 65536)  # the prior's logistic scale, in units of delta
             u = torch.from_numpy(exact.dither(seed, i + 1, count, U_BITS) / U_UNIT).reshape(x.shape)
@@ -96,7 +96,7 @@ def float_nelbo_bits(float_weights, tile: np.ndarray, seed: int = 0) -> list[flo
             bits.append(float(-torch.log2(p).sum()))
             z = p_loc + (k - u) * step.delta
         # p(x | z_0): VDM's decoder, a softmax over the 256 levels
-        alpha_0 = math.sqrt(1.0 / (1.0 + math.exp(gammas[-1])))
+        alpha_0 = math.sqrt(1.0 / (1.0 + math.exp(float(gammas[-1]))))
         levels = (torch.arange(256, dtype=torch.float64) + 0.5) / 128 - 1
         logits = -0.5 * math.exp(-gammas[-1]) * (levels[None, :] - (z / alpha_0).reshape(-1, 1)) ** 2
         pixels = torch.from_numpy(tile.transpose(2, 0, 1).reshape(-1).astype(np.int64))

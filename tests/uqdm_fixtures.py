@@ -4,10 +4,15 @@ Test data, not library code: the codec's mechanics (coding, prefixes, lossless, 
 hostile streams, the pipeline with a progressive codec) are tested on these weights, so
 they run on any clone; only the tests about the authors' weights need ../shared.
 
-The network is `model.uqdm.net.ScoreNet` with uqdm-tiny's configuration, initialized by
-torch from a seed; the noise schedule is the authors' (gamma_max 6, slope 18.3, so
-gamma_min -12.3). It is calibrated on crops of matplotlib's sample photo and two noise
-tiles, and quantized to the exact integer network exactly as an import does.
+The network is `model.uqdm.net.ScoreNet` with uqdm-tiny's configuration, initialized the
+way torch initializes it (uniform within 1/sqrt(fan-in); GroupNorm 1 and 0) but from our
+integer hash (`model.exact.random_bits`), so that the weights are the same on every machine
+(torch's own initialization is not: its uniform kernel differs under ATEN_CPU_CAPABILITY);
+the noise schedule is the authors' (gamma_max 6, slope 18.3, so gamma_min -12.3). Its
+activation exponents were calibrated once (`calibrate_test_model`, on crops of matplotlib's
+sample photo and two noise tiles; the float calibration itself differs between kernels) and
+are recorded in uqdm-test.calibration.json with the digest the weights must have; the
+fixture quantizes with them exactly as an import does.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.exact import random_bits
 from model.registry import Weights
 
 from .sample_images import photo_tiles
@@ -37,17 +43,29 @@ CONFIG = {k: AUTHORS_MODEL_CONFIG[k] for k in (
 GAMMA_SLOPE = 18.3  # gamma_max - gamma_min: the authors' schedule before training
 TEST_NAME = "uqdm-test"
 CALIBRATION_SEED = 5
+CALIBRATION = Path(__file__).with_name("uqdm-test.calibration.json")
 
 
 def seeded_float_weights(seed: int = 0, name: str = "uqdm-test-float") -> Weights:
-    """Float weights of a freshly initialized ScoreNet (torch seed `seed`), as `import_checkpoint` returns them."""
+    """Float weights of a ScoreNet initialized from the integer hash with `seed`, as `import_checkpoint`
+    returns them."""
     from model.uqdm.net import ScoreNet
 
-    torch.manual_seed(seed)
     net = ScoreNet(CONFIG)
-    tensors = {f"net.{k}": v.detach().float().clone().contiguous() for k, v in net.named_parameters()}
+    stream = {key: index for index, (key, _) in enumerate(net.named_parameters())}
+    tensors = {}
+    for prefix, module in net.named_modules():
+        for kind, param in module.named_parameters(recurse=False):
+            key = f"{prefix}.{kind}"
+            if isinstance(module, torch.nn.GroupNorm):
+                values = np.ones(param.shape) if kind == "weight" else np.zeros(param.shape)
+            else:  # Conv2d, Linear: uniform within 1/sqrt(fan-in), weight and bias alike
+                unit = random_bits(seed, stream[key], param.numel()).astype(np.float64) * 2.0 ** -31 - 1.0
+                values = unit.reshape(param.shape) * (1.0 / np.sqrt(module.weight[0].numel()))
+            tensors[f"net.{key}"] = torch.from_numpy(values.astype(np.float32))
+    tensors = {f"net.{key}": tensors[f"net.{key}"] for key in stream}  # the network's parameter order
     tensors["gamma_slope"] = torch.tensor(GAMMA_SLOPE)
-    return Weights("uqdm", name, dict(CONFIG), tensors, f"tests/uqdm_fixtures.py (ScoreNet, torch seed {seed})")
+    return Weights("uqdm", name, dict(CONFIG), tensors, f"tests/uqdm_fixtures.py (ScoreNet, hash seed {seed})")
 
 
 def calibration_tiles() -> np.ndarray:
@@ -56,13 +74,23 @@ def calibration_tiles() -> np.ndarray:
     return np.concatenate([photo_tiles(6, CALIBRATION_SEED), noise])
 
 
-def seeded_exact_weights(seed: int = 0, name: str = TEST_NAME) -> Weights:
-    """The exact codec's weights made from `seeded_float_weights`, as an import makes them."""
+def calibrate_test_model(seed: int = 0) -> dict:
+    """What uqdm-test.calibration.json records (run once; `python -m tests.uqdm_fixtures` rewrites it)."""
     from model.uqdm.quantize import calibrate, to_exact
 
     float_weights = seeded_float_weights(seed)
     exponents = calibrate(float_weights, calibration_tiles(), seed=0)
-    return to_exact(float_weights, exponents, name)
+    digest = to_exact(float_weights, exponents, TEST_NAME).digest.hex()
+    return {"about": "Activation exponents of the seeded test UQDM (tests/uqdm_fixtures.py), calibrated once by "
+                     "calibrate_test_model on this file's machine, and the digest its exact weights must have.",
+            "exponents": exponents, "digest": digest}
+
+
+def seeded_exact_weights(seed: int = 0, name: str = TEST_NAME) -> Weights:
+    """The exact codec's weights made from `seeded_float_weights` with the recorded exponents, as an import makes them."""
+    from model.uqdm.quantize import to_exact
+
+    return to_exact(seeded_float_weights(seed), json.loads(CALIBRATION.read_text())["exponents"], name)
 
 
 def write_authors_checkpoint(folder: Path, weights: Weights, model_config: dict | None = None,
@@ -90,3 +118,8 @@ def write_authors_checkpoint(folder: Path, weights: Weights, model_config: dict 
     }
     torch.save(checkpoint, folder / "checkpoint.pt")
     return folder
+
+
+if __name__ == "__main__":
+    CALIBRATION.write_text(json.dumps(calibrate_test_model(), indent=1) + "\n")
+    print(f"wrote {CALIBRATION}")

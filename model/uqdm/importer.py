@@ -29,21 +29,23 @@ _PLAIN = (int, float, bool, str, type(None), np.generic)
 
 
 CALIBRATION = Path(__file__).with_name("uqdm-tiny.calibration.json")
-EXACT_NAME = "uqdm-tiny-exact"
+EXACT_NAME = "uqdm-tiny-exact2"
 
 
 def import_exact(folder: str | Path, name: str = EXACT_NAME, calibration: Path = CALIBRATION) -> Weights:
     """The exact codec's weights from the authors' checkpoint folder; raises if the digest is not ours."""
     from .quantize import to_exact
 
-    record = json.loads(Path(calibration).read_text())
-    weights = to_exact(import_checkpoint(folder), record["exponents"], name)
-    expected = record.get("digest")
-    if expected and weights.digest.hex() != expected:
+    try:
+        record = json.loads(Path(calibration).read_text())
+        exponents, expected = record["exponents"], record["digest"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{calibration} is not a calibration record with exponents and a digest: {error}") from None
+    weights = to_exact(import_checkpoint(folder), exponents, name)
+    if weights.digest.hex() != expected:
         raise ValueError(f"importing {folder} gave weights with digest {weights.digest.hex()}, not the "
-                         f"{expected} that {calibration.name} records: the checkpoint differs from the authors' "
-                         "uqdm-tiny, or this machine computed the import differently; streams written with "
-                         "these weights would not decode elsewhere")
+                         f"{expected} that {Path(calibration).name} records: the checkpoint (or the calibration "
+                         "file) differs from the authors' uqdm-tiny and ours; nothing was written")
     return weights
 
 

@@ -1,24 +1,25 @@
 """Turning a float UQDM network into the exact integer one: schedule, calibration, quantization.
 
 Done once, when weights are imported (`importer.import_checkpoint`) or made for tests;
-the decoder never runs any of this. The transcendental functions used here (the noise
-schedule's sigmoid and exp, the time embedding's sin and cos) run in float64 on the
-importing machine; their results are stored in the weights file, whose digest
-(`expected_digest` in the calibration file) proves the import reproduced ours.
+the decoder never runs any of this. Every number stored comes out the same on every
+machine: the schedule's sigmoid, exp and sqrt, the time embedding (sin, cos, two linear
+layers and SiLU) and its projection into each block's bias are computed with
+`model.exact.scalar` (256-bit arithmetic in a fixed order, one rounding to float64); the
+weights are quantized by elementwise IEEE operations. Calibration is the exception: it
+runs the float network, so its exponents are recorded once (uqdm-tiny.calibration.json)
+and read from there, never recomputed by an import.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import exact
-from ..exact import INT16
+from ..exact import INT16, scalar
 from ..registry import Weights
 from .codec import PixelConstants, StepConstants
 from .int_net import FOURIER_EXPONENT, SOFTPLUS_SHIFT, Z_EXPONENT, site_names
@@ -33,37 +34,41 @@ def float_network(weights: Weights) -> ScoreNet:
     return net.eval()
 
 
-def log_snrs(weights: Weights) -> list[float]:
-    """gamma_T, ..., gamma_0 of the learned linear schedule (T + 1 values)."""
+def log_snrs(weights: Weights) -> list[scalar.Real]:
+    """gamma_T, ..., gamma_0 of the learned linear schedule (T + 1 exact values)."""
     cfg = weights.config
-    steps, slope, gamma_max = cfg["n_timesteps"], abs(float(weights.tensors["gamma_slope"])), cfg["gamma_max"]
-    return [gamma_max + slope * (t / steps - 1.0) for t in range(steps, -1, -1)]
+    steps = cfg["n_timesteps"]
+    slope, gamma_max = abs(scalar.real(float(weights.tensors["gamma_slope"]))), scalar.real(cfg["gamma_max"])
+    return [gamma_max + slope * (scalar.real(t) / steps - 1) for t in range(steps, -1, -1)]
 
 
-def step_constants(gamma_t: float, gamma_s: float) -> StepConstants:
-    expm1 = -math.expm1(gamma_s - gamma_t)
-    alpha_t, alpha_s = math.sqrt(_sigmoid(-gamma_t)), math.sqrt(_sigmoid(-gamma_s))
-    sigma_t, sigma_s = math.sqrt(_sigmoid(gamma_t)), math.sqrt(_sigmoid(gamma_s))
-    delta = sigma_s * math.sqrt(12.0 * expm1)
-    return StepConstants(
+def step_constants(gamma_t: scalar.Real, gamma_s: scalar.Real) -> StepConstants:
+    expm1 = -scalar.expm1(gamma_s - gamma_t)
+    alpha_t, alpha_s = scalar.sqrt(scalar.sigmoid(-gamma_t)), scalar.sqrt(scalar.sigmoid(-gamma_s))
+    sigma_t, sigma_s = scalar.sqrt(scalar.sigmoid(gamma_t)), scalar.sqrt(scalar.sigmoid(gamma_s))
+    delta = sigma_s * scalar.sqrt(12 * expm1)
+    exact = dict(
         loc_scale=alpha_s / alpha_t, eps_scale=sigma_t * expm1,
-        prior_scale=sigma_t * math.sqrt(expm1) * (math.sqrt(3.0) / math.pi) / delta / 65536.0,
-        delta=delta, inv_delta=1.0 / delta, q_z=alpha_s * (1 - expm1) / alpha_t, q_x=alpha_s * expm1,
-        inv_alpha_t=1.0 / alpha_t, sigma_t=sigma_t)
+        prior_scale=sigma_t * scalar.sqrt(expm1) * (scalar.sqrt(3) / scalar.pi) / delta / 65536,
+        delta=delta, inv_delta=1 / delta, q_z=alpha_s * (1 - expm1) / alpha_t, q_x=alpha_s * expm1,
+        inv_alpha_t=1 / alpha_t, sigma_t=sigma_t)
+    return StepConstants(**{k: scalar.to_float(v) for k, v in exact.items()})
 
 
-def pixel_constants(gamma_0: float) -> PixelConstants:
-    alpha_0 = math.sqrt(_sigmoid(-gamma_0))
-    return PixelConstants(centre_scale=128.0 / ((1 << Z_EXPONENT) * alpha_0), inv_alpha_0=1.0 / alpha_0,
-                          density=0.5 * math.exp(-gamma_0) / 128.0 ** 2 / 256.0)
+def pixel_constants(gamma_0: scalar.Real) -> PixelConstants:
+    alpha_0 = scalar.sqrt(scalar.sigmoid(-gamma_0))
+    return PixelConstants(centre_scale=scalar.to_float(128 / ((1 << Z_EXPONENT) * alpha_0)),
+                          inv_alpha_0=scalar.to_float(1 / alpha_0),
+                          density=scalar.to_float(scalar.exp(-gamma_0) / 2 / 128 ** 2 / 256))
 
 
 def calibrate(weights: Weights, tiles: np.ndarray, seed: int = 0) -> dict[str, list[int]]:
     """Activation exponents per site and step: the float network's largest magnitudes along
     encoding trajectories of `tiles` (N, 3, 64, 64 uint8), with 2x headroom."""
     net = float_network(weights)
-    gammas = log_snrs(weights)
-    steps = [step_constants(a, b) for a, b in zip(gammas, gammas[1:])]
+    exact_gammas = log_snrs(weights)
+    steps = [step_constants(a, b) for a, b in zip(exact_gammas, exact_gammas[1:])]
+    gammas = [scalar.to_float(g) for g in exact_gammas]
     generator = torch.Generator().manual_seed(seed)
     largest: dict[str, list[float]] = {}
     for first in range(0, len(tiles), 4):
@@ -91,10 +96,6 @@ def to_exact(weights: Weights, exponents: dict[str, list[int]], name: str) -> We
     tensors["pixel"] = torch.tensor(list(vars(pixel_constants(gammas[-1])).values()), dtype=torch.float64)
     config = {**weights.config, "numerics": "exact-int16"}
     return Weights("uqdm", name, config, tensors, weights.provenance)
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
 
 
 # ---------------------------------------------------------------------- float reference, for calibration
@@ -142,7 +143,7 @@ def exponent_for(max_abs: float, headroom: float = 2.0, bound: int = INT16) -> i
 
 
 # ---------------------------------------------------------------------- quantization
-def quantize_net(net, gammas: list[float], exponents: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+def quantize_net(net, gammas: list[scalar.Real], exponents: dict[str, list[int]]) -> dict[str, torch.Tensor]:
     """Integer tensors of the network: weights, per-step biases, per-step exponents.
 
     `gammas[s]` is the log-SNR the network sees at step s; `exponents[site][s]` the
@@ -151,6 +152,11 @@ def quantize_net(net, gammas: list[float], exponents: dict[str, list[int]]) -> d
     steps = len(gammas)
     out: dict[str, torch.Tensor] = {}
     sites = site_names(len(net.down))
+    wrong = [s for s in sites if not (isinstance(exponents.get(s), list) and len(exponents[s]) == steps
+                                      and all(isinstance(e, int) and 0 <= e <= 30 for e in exponents[s]))]
+    if wrong:
+        raise ValueError(f"calibration exponents must give {steps} integers in 0..30 for every site; "
+                         f"wrong or missing: {', '.join(wrong[:5])}")
     out["exponents"] = torch.tensor([[exponents[s][t] for t in range(steps)] for s in sites], dtype=torch.int32)
     conds = [_time_embedding(net, g) for g in gammas]
     # conv_in: fold the inputs' fixed scales (z 2^-12, Fourier 2^-14) into the weights
@@ -159,8 +165,9 @@ def quantize_net(net, gammas: list[float], exponents: dict[str, list[int]]) -> d
 
     def block(name, module, cond_list):
         _norm(out, f"{name}.norm1", module.net1[0])
-        projected = torch.stack([module.cond_proj.weight.double() @ c for c in cond_list])  # (steps, C)
-        _conv(out, f"{name}.conv1", module.net1[2].weight, module.net1[2].bias.double()[None] + projected)
+        # the conv's bias plus the projected time embedding, one row per step (steps, C)
+        biases = [scalar.matvec(module.cond_proj.weight, c, bias=module.net1[2].bias) for c in cond_list]
+        _conv(out, f"{name}.conv1", module.net1[2].weight, scalar.tensor(biases))
         _norm(out, f"{name}.norm2", module.net2[0])
         _conv(out, f"{name}.conv2", module.net2[2].weight, module.net2[2].bias)
         if not isinstance(module.skip, torch.nn.Identity):
@@ -183,18 +190,20 @@ def quantize_net(net, gammas: list[float], exponents: dict[str, list[int]]) -> d
     return out
 
 
-@torch.no_grad()
-def _time_embedding(net, gamma: float) -> torch.Tensor:
-    """The time MLP's output for one log-SNR, in float64 (computed once, at import)."""
-    lo, hi = net.gamma_range
-    dim = net.time_embed[0].in_features
-    t = torch.tensor([1000.0 * (gamma - lo) / (hi - lo)], dtype=torch.float64)
-    angles = t[:, None] * torch.logspace(0.0, -4.0, dim // 2, dtype=torch.float64)[None, :]
-    features = torch.cat([angles.sin(), angles.cos()], dim=1)
-    mlp = [m.double() if isinstance(m, torch.nn.Linear) else m for m in copy.deepcopy(net.time_embed)]
-    for layer in mlp:
-        features = layer(features)
-    return features[0]
+def _time_embedding(net, gamma: scalar.Real) -> list[scalar.Real]:
+    """The time MLP's output for one log-SNR (computed once, at import, at 256 bits).
+
+    The authors' formula: t = 1000 (gamma - gamma_min) / (gamma_max - gamma_min), features
+    sin and cos of t * 10^(-4 i / (n - 1)), then Linear, SiLU, Linear, SiLU.
+    """
+    lo, hi = (scalar.real(v) for v in net.gamma_range)
+    n = net.time_embed[0].in_features // 2
+    t = 1000 * (gamma - lo) / (hi - lo)
+    angles = [t * scalar.real(10) ** (scalar.real(-4 * i) / (n - 1)) for i in range(n)]
+    features = [scalar.sin(a) for a in angles] + [scalar.cos(a) for a in angles]
+    for layer in (net.time_embed[0], net.time_embed[2]):
+        features = [scalar.silu(v) for v in scalar.matvec(layer.weight, features, bias=layer.bias)]
+    return features
 
 
 def _conv(out: dict, name: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
