@@ -1,10 +1,11 @@
 """Add rate points to CDC weights without training, by scaling a trained point's gains.
 
-    python -m jobs.derive_rates model/weights/cdc-hp128.safetensors q0=q1*0.5 q7=q6*1.4
+    python -m jobs.derive_rates model/weights/cdc-hp128.safetensors q0=q1*0.5 q7=q6*1.4 --name cdc-hp128-wide
 
 NAME=RATE*K codes K * y with RATE's tables and decodes y_hat / K: K < 1 gives fewer bits, K > 1
-more (model/cdc/config.py, derived_rates). The file is rewritten in place (its digest changes:
-streams of the old file are refused by the new one); the command joins its provenance.
+more (model/cdc/config.py, derived_rates). The result is new weights (the config, hence the
+digest, changes), written under the new --name beside the source (or to --out); the source
+is never changed, so the streams it wrote keep decoding. The command joins the provenance.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import re
 import shlex
 import sys
+from pathlib import Path
 
 from jobs._cli import setup_logging
 from model.cdc.train import with_derived_rates
@@ -33,11 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("weights", help="a CDC weights file")
     parser.add_argument("rates", nargs="+", type=parse_spec, help="NAME=RATE*K, e.g. q0=q1*0.5")
+    parser.add_argument("--name", required=True, help="registry name of the new weights")
+    parser.add_argument("--out", type=Path, help="output file (default: NAME.safetensors beside the source)")
     args = parser.parse_args(argv)
     command = "python -m jobs.derive_rates " + shlex.join(sys.argv[1:] if argv is None else argv)
-    weights = with_derived_rates(read_weights(args.weights), args.rates, command)
-    save_weights(weights, args.weights)
-    print(f"{args.weights}: rate points {', '.join(weights.config['rates'])}; digest {weights.digest.hex()}")
+    source = Path(args.weights)
+    try:
+        weights = with_derived_rates(read_weights(source), args.rates, command, args.name)
+        out = save_weights(weights, args.out or source.with_name(f"{args.name}.safetensors"))
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    print(f"{out}: {args.name}, rate points {', '.join(weights.config['rates'])}; digest {weights.digest.hex()}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The Codec interface: the only thing the pipeline knows about a model.
 
-    codec = load_codec("uqdm-tiny-exact")
+    codec = load_codec("uqdm-tiny-exact2")
     data = codec.compress(img)                    # HxWx3 uint8 -> bytes
     img2 = codec.decompress(data, steps=None)     # -> HxWx3 uint8
 
@@ -19,7 +19,7 @@ import torch
 
 from . import bitstream
 from .bitstream import BitstreamError, Header
-from .registry import Weights
+from .registry import Weights, describe_weights
 
 
 class Codec(ABC):
@@ -68,8 +68,8 @@ class Codec(ABC):
             raise BitstreamError(f"stream was written by codec {header.codec!r}; this is {self.family!r}")
         if header.weights_digest != self.weights_digest[:bitstream.DIGEST_BYTES]:
             raise BitstreamError(
-                f"stream was written with other weights (digest {header.weights_digest.hex()}); "
-                f"{self.name!r} has digest {self.weights_digest[:bitstream.DIGEST_BYTES].hex()}")
+                f"stream was written with other weights than {self.name!r} (digest "
+                f"{self.weights_digest[:bitstream.DIGEST_BYTES].hex()}): {describe_weights(header.weights_digest)}")
         return header
 
     def unpack(self, data: bytes, n_chunks: int | None = None) -> tuple[Header, list[bytes]]:

@@ -1,7 +1,7 @@
 """Rate, distortion and realism of the learned codecs against classical ones, on a set of images.
 
     images = load_images("photos/*.png")
-    report = evaluate(images, Settings(learned=["cdc-hp128", "uqdm-tiny-exact"]))  # JSON-ready dict
+    report = evaluate(images, Settings(learned=["cdc-hp128", "uqdm-tiny-exact2"]))  # JSON-ready dict
     model.report.write_report(report, "out/")      # results.json, results.md, rd_*.png
 
 What is measured. Every curve is a list of points; a point is one setting (a CDC rate point, a
@@ -66,7 +66,7 @@ class Settings:
     """What `evaluate` runs. Learned codecs are registry names or weights paths; a CDC name
     without a rate point means all of them, "cdc-hp128:q2" one (repeat it for several)."""
 
-    learned: list[str] = field(default_factory=lambda: ["cdc-hp128", "uqdm-tiny-exact"])
+    learned: list[str] = field(default_factory=lambda: ["cdc-hp128", "uqdm-tiny-exact2"])
     classical: list[str] = field(default_factory=lambda: list(CLASSICAL))
     curve_steps: int = 4              # DDIM steps of CDC's diffusion curves (deterministic and stochastic)
     steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])  # the steps table

@@ -15,3 +15,4 @@ PHOTOS = SHARED / "data" / "photos"
 TRAIN_PHOTOS = PHOTOS / "train"   # for training and fine-tuning
 DEV_PHOTOS = PHOTOS / "dev"       # 12 PNGs for evaluation and tests; never train on them
 UQDM_TINY_SOURCE = SHARED / "weights" / "uqdm-tiny"   # the authors' config.json + checkpoint.pt
+GOLDEN = SHARED / "golden"             # streams written on other machines, with what those decoded

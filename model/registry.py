@@ -9,6 +9,11 @@ weights were made never changes which streams they decode. Nothing here unpickle
 Names resolve, in order, to: a path to a file or folder; `<name>.safetensors` in
 $DIFFPRESS_WEIGHTS; in the weights shipped inside this package (model/weights/);
 in ~/.cache/diffpress/weights (where `jobs.import_uqdm` writes by default).
+
+A stream or archive names the weights it needs by digest. `load_codec_for(name, digest)`
+loads them by name, or finds an installed file with that digest under another name, or
+raises `WeightsNotInstalled` naming the weights and how to get them from the catalog of
+every release (weights/catalog.json).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import importlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +37,11 @@ if TYPE_CHECKING:
 FORMAT = "diffpress-weights/1"
 SHIPPED_DIR = Path(__file__).parent / "weights"
 USER_DIR = Path.home() / ".cache" / "diffpress" / "weights"
+CATALOG = SHIPPED_DIR / "catalog.json"
+
+
+class WeightsNotInstalled(FileNotFoundError):
+    """The weights a stream or archive was written with are not installed here (the message says how to get them)."""
 
 
 @dataclass
@@ -62,15 +73,30 @@ def weights_digest(codec: str, config: dict, tensors: dict[str, torch.Tensor]) -
     return h.digest()[:16]
 
 
-def save_weights(weights: Weights, path: str | Path) -> Path:
+def save_weights(weights: Weights, path: str | Path, replace: bool = False) -> Path:
+    """Write a weights file whole or not at all (a temporary file renamed into place), readable by all (0644).
+
+    Weights that may have written streams are never changed in place: a file at `path`
+    holding other weights (another digest) is kept, and FileExistsError says so, unless
+    `replace` (for work in progress, such as a training run's own earlier export); a
+    release in the catalog is never replaced.
+    """
     path = Path(path)
+    if path.is_file():
+        old = file_digest(path)
+        if old != weights.digest and (not replace or catalog_entry(old.hex()) is not None):
+            raise FileExistsError(f"{path} holds other weights ({describe_weights(old)}); weights that may have "
+                                  "written streams are never changed in place: save these under another name")
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "codec": weights.codec, "name": weights.name,
                 "config": json.dumps(weights.config, sort_keys=True), "provenance": weights.provenance}
     if weights.training:
         metadata["training"] = json.dumps(weights.training, sort_keys=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.tensors.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    partial.chmod(0o644)
+    os.replace(partial, path)
     return path
 
 
@@ -122,10 +148,69 @@ def available() -> list[str]:
     return sorted(names)
 
 
+def catalog_entry(digest: bytes | str) -> dict | None:
+    """The catalog's entry for a digest (the full 16 bytes, or a stream's 8-byte prefix), if any."""
+    prefix = digest.hex() if isinstance(digest, bytes) else digest
+    entries = json.loads(CATALOG.read_text())["weights"]
+    return next((e for e in entries if e["digest"].startswith(prefix)), None)
+
+
+def describe_weights(digest: bytes | str) -> str:
+    """"cdc-hp128 (digest 1ded...): shipped inside diffpress" or, for weights no release knows, the digest alone."""
+    hex_digest = digest.hex() if isinstance(digest, bytes) else digest
+    entry = catalog_entry(hex_digest)
+    if entry is None:
+        return f"weights with digest {hex_digest}, which no diffpress release made (your own weights?)"
+    return f"{entry['name']} (digest {entry['digest']}): {entry['get']}"
+
+
+def installed_with_digest(digest: bytes | str) -> Path | None:
+    """An installed weights file whose digest is (or starts with) `digest`, under any name."""
+    prefix = digest.hex() if isinstance(digest, bytes) else digest
+    for folder in search_dirs():
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            try:
+                if file_digest(path).hex().startswith(prefix):
+                    return path
+            except (OSError, ValueError):
+                continue  # not a weights file: not what we look for
+    return None
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    return read_weights(path).digest
+
+
+def file_digest(path: Path) -> bytes:
+    stat = path.stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def load_codec_for(name: str, digest: str, device: str | torch.device | None = None) -> Codec:
+    """The codec that decodes streams written by `name` with weights `digest` (hex).
+
+    By name first; if those weights are missing or are other weights, any installed file
+    with the digest; else WeightsNotInstalled, one line naming the weights and how to get them.
+    """
+    try:
+        codec = load_codec(name, device=device)
+        if codec.weights_digest.hex().startswith(digest):
+            return codec
+    except FileNotFoundError:
+        pass
+    path = installed_with_digest(digest)
+    if path is None:
+        raise WeightsNotInstalled(f"written with {name}, whose weights are not installed here: "
+                                  f"{describe_weights(digest)}")
+    _, variant = split_variant(name)
+    return load_codec(f"{path}:{variant}" if variant else path, device=device)
+
+
 def load_codec(name_or_path: str | Path, device: str | torch.device | None = None) -> Codec:
     """Load a codec by registry name or weights path, optionally with a variant after a colon.
 
-    "uqdm-tiny-exact"; "cdc-hp128" (its default rate point) or "cdc-hp128:q2" (a named one).
+    "uqdm-tiny-exact2"; "cdc-hp128" (its default rate point) or "cdc-hp128:q2" (a named one).
     """
     path, variant = split_variant(name_or_path)
     weights = read_weights(resolve(path))

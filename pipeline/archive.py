@@ -41,7 +41,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from model import BitstreamError, Codec, load_codec
+from model import BitstreamError, Codec
+from model.registry import WeightsNotInstalled, load_codec_for
 
 from .manifest import DATA_DIR, JOB_FILE, SUCCESS_FILE, CommittedShard, read_committed, read_manifest
 from .storage import open_location, shard_name
@@ -222,7 +223,10 @@ class Archive:
     @property
     def codec(self) -> Codec:
         if self._codec is None:
-            self._codec = load_codec(self.job["codec"], device=self.device)
+            try:
+                self._codec = load_codec_for(self.job["codec"], self.job["weights_digest"], device=self.device)
+            except WeightsNotInstalled as error:
+                raise ArchiveError(f"{self.url} was {error}") from None
         if self._codec.weights_digest.hex() != self.job["weights_digest"]:
             raise ArchiveError(f"the archive was written with weights {self.job['weights_digest']}; codec "
                                f"{self._codec.name!r} has {self._codec.weights_digest.hex()}")

@@ -26,7 +26,8 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from ray.data.extensions import ArrowVariableShapedTensorArray
 
-from model import Codec, load_codec
+from model import Codec
+from model.registry import WeightsNotInstalled, load_codec_for
 
 from .archive import Archive, ArchiveError, decode_options, decompress
 from .compress import actor_pool, runtime_env
@@ -115,11 +116,10 @@ class RecordDecoder:
 
     def codec(self, name: str, digest: str) -> Codec:
         if (name, digest) not in self.codecs:
-            codec = load_codec(name)
-            if codec.weights_digest.hex() != digest:
-                raise ArchiveError(f"records were written with {name} weights {digest}; the {name} found here "
-                                   f"has {codec.weights_digest.hex()}")
-            self.codecs[name, digest] = codec
+            try:
+                self.codecs[name, digest] = load_codec_for(name, digest)
+            except WeightsNotInstalled as error:
+                raise ArchiveError(f"records were {error}") from None
         return self.codecs[name, digest]
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -204,8 +204,12 @@ def test_other_weights_and_other_codec_families_are_refused(cdc, small, tmp_path
     tensors[name].view(-1)[0] += 1
     save_weights(Weights("cdc", "cdc-other", weights.config, tensors), tmp_path / "other.safetensors")
     other = load_codec(tmp_path / "other.safetensors", device="cpu")
-    with pytest.raises(BitstreamError, match="other weights"):
+    with pytest.raises(BitstreamError, match="other weights") as raised:
         other.decompress(data)
+    # the stream's digest names the weights it needs, from the catalog of releases
+    assert f"cdc-hp128 (digest {weights.digest.hex()}): shipped inside diffpress" in str(raised.value)
+    with pytest.raises(BitstreamError, match="which no diffpress release made"):
+        cdc.decompress(other.compress(np.zeros((8, 8, 3), np.uint8)))
     _, chunks = bitstream.unpack(data)
     with pytest.raises(BitstreamError, match="written by codec 'uqdm'"):
         cdc.decompress(repack(data, chunks, codec="uqdm"))
@@ -290,17 +294,23 @@ def test_derived_rate_points_scale_a_trained_points_gains_and_change_only_the_co
     assert more.config["rates"] == weights.config["rates"] + ["q8"] and more.provenance.endswith("then: a test")
 
 
-def test_derive_rates_command_rewrites_the_file_and_records_itself(tmp_path):
+def test_derive_rates_command_writes_new_weights_and_never_changes_the_source(tmp_path):
     from jobs import derive_rates
 
     path = tmp_path / "cdc.safetensors"
     path.write_bytes(resolve(NAME).read_bytes())
-    assert derive_rates.main([str(path), "q8=q6*2"]) == 0
-    weights = read_weights(path)
-    assert weights.config["rates"][-1] == "q8" and "python -m jobs.derive_rates" in weights.provenance
-    assert load_codec(str(path) + ":q8", device="cpu").rate_names[-1] == "q8"
+    before = path.read_bytes()
+    assert derive_rates.main([str(path), "q8=q6*2", "--name", "cdc-more"]) == 0
+    assert path.read_bytes() == before
+    weights = read_weights(tmp_path / "cdc-more.safetensors")
+    assert weights.name == "cdc-more" and weights.config["rates"][-1] == "q8"
+    assert "python -m jobs.derive_rates" in weights.provenance
+    assert load_codec(str(tmp_path / "cdc-more.safetensors") + ":q8", device="cpu").rate_names[-1] == "q8"
+    with pytest.raises(FileExistsError, match="never changed in place"):  # onto the source: refused
+        derive_rates.main([str(path), "q9=q6*3", "--name", "x", "--out", str(path)])
+    assert path.read_bytes() == before
     with pytest.raises(SystemExit):  # argparse: not NAME=RATE*K
-        derive_rates.main([str(path), "q9=q6+2"])
+        derive_rates.main([str(path), "q9=q6+2", "--name", "x"])
 
 
 def test_paper_preset_runs_the_same_code_at_the_authors_sizes():

@@ -19,7 +19,7 @@ from model.codec import Codec
 from model.evaluation import Settings, bd_rate, bits_at_equal_quality, image_set, measure, progressive_curves
 from model.paths import REPO
 from model.registry import Weights
-from model.report import markdown, write_report
+from model.report import markdown
 
 # A classical-looking curve: PSNR rising with log-rate, at unevenly spaced rates.
 RATES = [0.08, 0.15, 0.3, 0.55, 1.0, 1.9]

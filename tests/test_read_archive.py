@@ -175,3 +175,27 @@ def test_manifest_helpers_read_one_shard(cdc_archive):
     table = read_manifest(location, "c-001", columns=["key"])
     assert table.column_names == ["key"] and table["key"].to_pylist() == ["dup", "r"]
     assert isinstance(table, pa.Table) and Archive(str(cdc_archive)).shard_sizes() == {"c-000": 3, "c-001": 2}
+
+
+def test_an_archive_names_the_weights_it_needs_and_finds_them_under_any_name(cdc_archive, tmp_path, monkeypatch):
+    """The archive's weights digest decides: installed under another name, they are found; not
+    installed, one line names them (name, digest) and how to get them."""
+    import json
+
+    from model import registry
+
+    renamed = copy_archive(cdc_archive, tmp_path / "renamed")
+    job = json.loads((renamed / "_job.json").read_text())
+    (renamed / "_job.json").write_text(json.dumps({**job, "codec": "cdc-renamed:q4"}))
+    np.testing.assert_array_equal(Archive(str(renamed)).decode("p"), Archive(str(cdc_archive)).decode("p"))
+
+    old = copy_archive(cdc_archive, tmp_path / "old")
+    (old / "_job.json").write_text(json.dumps({**job, "codec": "uqdm-tiny-exact",
+                                               "weights_digest": "4c1fe047c28370c48ccd1c7552c90450"}))
+    monkeypatch.setenv("DIFFPRESS_WEIGHTS", str(tmp_path / "none"))
+    monkeypatch.setattr(registry, "USER_DIR", tmp_path / "none-either")
+    with pytest.raises(ArchiveError) as raised:
+        Archive(str(old)).decode("p")
+    message = str(raised.value)
+    assert "\n" not in message and "uqdm-tiny-exact (digest 4c1fe047c28370c48ccd1c7552c90450)" in message
+    assert "not installed here" in message and "the copy of uqdm-tiny-exact.safetensors" in message  # how to get them

@@ -250,20 +250,22 @@ def export(model: CDCModel, curve: list[dict], cfg: TrainConfig, path: str | Pat
     weights = Weights("cdc", cfg.name, config, tensors, cfg.provenance,
                       training={"lambdas": list(cfg.model.lambdas), "stage": cfg.stage,
                                 "steps": curve[-1]["step"] if curve else 0})
-    path = save_weights(weights, path or cfg.export or SHIPPED_DIR / f"{cfg.name}.safetensors")
+    path = save_weights(weights, path or cfg.export or SHIPPED_DIR / f"{cfg.name}.safetensors", replace=True)
     write_curve(curve, path.with_suffix(".curve.csv"))
     log.info("exported %s (%d bytes) after %d steps", path, path.stat().st_size, curve[-1]["step"] if curve else 0)
     return path
 
 
-def with_derived_rates(weights: Weights, derived: Sequence[tuple[str, str, float]], how: str) -> Weights:
+def with_derived_rates(weights: Weights, derived: Sequence[tuple[str, str, float]], how: str,
+                       name: str | None = None) -> Weights:
     """The same networks and tables with rate points added by gain scaling (CDCConfig.derived_rates):
-    no tensor changes, the config (hence the digest) does, and `how` joins the provenance."""
+    no tensor changes, the config (hence the digest) does, and `how` joins the provenance.
+    New weights: give them a new `name` (the default keeps the old one, for in-memory use)."""
     model = CDCConfig.from_dict(weights.config["model"])
     model = replace(model, derived_rates=model.derived_rates + tuple(derived))
     config = {**weights.config, "model": model.to_dict(), "rates": model.rate_names}
-    return Weights(weights.codec, weights.name, config, weights.tensors, f"{weights.provenance}; then: {how}",
-                   weights.training)
+    return Weights(weights.codec, name or weights.name, config, weights.tensors,
+                   f"{weights.provenance}; then: {how}", weights.training)
 
 
 def write_curve(curve: list[dict], path: Path) -> None:
