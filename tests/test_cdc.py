@@ -294,7 +294,7 @@ def test_derived_rate_points_scale_a_trained_points_gains_and_change_only_the_co
     assert more.config["rates"] == weights.config["rates"] + ["q8"] and more.provenance.endswith("then: a test")
 
 
-def test_derive_rates_command_writes_new_weights_and_never_changes_the_source(tmp_path):
+def test_derive_rates_command_writes_new_weights_and_never_changes_the_source(tmp_path, capsys):
     from jobs import derive_rates
 
     path = tmp_path / "cdc.safetensors"
@@ -306,8 +306,9 @@ def test_derive_rates_command_writes_new_weights_and_never_changes_the_source(tm
     assert weights.name == "cdc-more" and weights.config["rates"][-1] == "q8"
     assert "python -m jobs.derive_rates" in weights.provenance
     assert load_codec(str(tmp_path / "cdc-more.safetensors") + ":q8", device="cpu").rate_names[-1] == "q8"
-    with pytest.raises(FileExistsError, match="never changed in place"):  # onto the source: refused
+    with pytest.raises(SystemExit) as refused:  # onto the source: a one-line usage error
         derive_rates.main([str(path), "q9=q6*3", "--name", "x", "--out", str(path)])
+    assert refused.value.code == 2 and "never changed in place" in capsys.readouterr().err
     assert path.read_bytes() == before
     with pytest.raises(SystemExit):  # argparse: not NAME=RATE*K
         derive_rates.main([str(path), "q9=q6+2", "--name", "x"])
