@@ -14,6 +14,8 @@ Measuring:
     metrics     psnr, msssim
     evaluation  a codec's bpp, quality and timings on a set of images
     classical   JPEG/WebP/AVIF/HEVC round trips and comparisons at matched bpp/PSNR
+    report      an evaluation as files: results.json, results.md, rate-distortion plots
+    sidebyside  crops of a learned codec beside AVIF, WebP and JPEG at no more bytes
 The exact-arithmetic layer (the one place numbers are made the same on every machine):
     exact/      layers (integer conv, norm, activations), tables, noise, coding helpers, and
                 scalar (correctly rounded mpmath reals for load-time constants)

@@ -15,7 +15,8 @@ Two ways to code:
   distribution). Offsets lie in a window [-W, W] around a centre both sides know; W is
   the segment's largest offset, written in front of it: no escape codes.
 - `encode_grouped` / `decode_grouped`: symbols sharing a table are coded together (CDC:
-  one table per channel of z, per scale level of y).
+  one table per channel of z, per scale level of y); `encode_parts` / `PartsDecoder` code
+  several such parts in one string, read back in order (CDC's context passes).
 """
 
 from __future__ import annotations
@@ -73,29 +74,51 @@ def encode_grouped(symbols: np.ndarray, groups: np.ndarray, tables: Sequence[np.
     `tables[g]` is an integer frequency row over [-W_g, W_g]. Groups are coded in order
     of their number, each group's symbols in their order.
     """
-    symbols, groups = np.asarray(symbols, dtype=np.int64).ravel(), np.asarray(groups).ravel()
+    return encode_parts([(symbols, groups)], tables)
+
+
+def encode_parts(parts: Sequence[tuple[np.ndarray, np.ndarray]], tables: Sequence[np.ndarray]) -> bytes:
+    """Several (symbols, groups) parts in one coded string, for a decoder that learns the groups
+    of a part only after decoding the parts before it (CDC's context passes); `PartsDecoder`
+    reads them back in order. One part is exactly `encode_grouped`."""
     coder = constriction.stream.stack.AnsCoder()
-    for g in sorted(set(groups.tolist()), reverse=True):  # a stack: encode last group first
-        table = tables[g]
-        coder.encode_reverse((symbols[groups == g] + table.size // 2).astype(np.int32), _fixed(table))
+    for symbols, groups in reversed(parts):  # a stack: encode the last part's last group first
+        symbols, groups = np.asarray(symbols, dtype=np.int64).ravel(), np.asarray(groups).ravel()
+        for g in sorted(set(groups.tolist()), reverse=True):
+            table = tables[g]
+            coder.encode_reverse((symbols[groups == g] + table.size // 2).astype(np.int32), _fixed(table))
     return coder.get_compressed().astype("<u4").tobytes()
+
+
+class PartsDecoder:
+    """Reads what `encode_parts` wrote, one part at a time; `finish` checks nothing is left over."""
+
+    def __init__(self, data: bytes):
+        if len(data) % 4:
+            raise BitstreamError("corrupt entropy-coded chunk (bad length)")
+        self._coder = _coder(data)
+
+    def decode(self, groups: np.ndarray, tables: Sequence[np.ndarray]) -> np.ndarray:
+        groups = np.asarray(groups).ravel()
+        symbols = np.zeros(groups.size, dtype=np.int64)
+        for g in sorted(set(groups.tolist())):
+            where = np.flatnonzero(groups == g)
+            table = tables[g]
+            try:
+                symbols[where] = self._coder.decode(_fixed(table), where.size).astype(np.int64) - table.size // 2
+            except Exception as exc:  # constriction reports invalid data as plain exceptions
+                raise BitstreamError(f"corrupt entropy-coded chunk: {exc}") from exc
+        return symbols
+
+    def finish(self) -> None:
+        _require_empty(self._coder)
 
 
 def decode_grouped(data: bytes, groups: np.ndarray, tables: Sequence[np.ndarray]) -> np.ndarray:
     """Inverse of `encode_grouped`, given the same groups and tables."""
-    if len(data) % 4:
-        raise BitstreamError("corrupt entropy-coded chunk (bad length)")
-    groups = np.asarray(groups).ravel()
-    symbols = np.zeros(groups.size, dtype=np.int64)
-    coder = _coder(data)
-    for g in sorted(set(groups.tolist())):
-        where = np.flatnonzero(groups == g)
-        table = tables[g]
-        try:
-            symbols[where] = coder.decode(_fixed(table), where.size).astype(np.int64) - table.size // 2
-        except Exception as exc:
-            raise BitstreamError(f"corrupt entropy-coded chunk: {exc}") from exc
-    _require_empty(coder)
+    decoder = PartsDecoder(data)
+    symbols = decoder.decode(groups, tables)
+    decoder.finish()
     return symbols
 
 

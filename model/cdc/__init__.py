@@ -1,14 +1,19 @@
 """CDC: "Lossy Image Compression with Conditional Diffusion Models" (Yang & Mandt, NeurIPS 2023).
 
-    config   CDCConfig (network sizes, stored in weights files; PRESETS "small", "paper"),
-             TrainConfig (one training run)
-    nets     the networks: analysis/hyper transforms, conditioning decoder, denoising UNet
-    model    CDCModel: hyperprior entropy model with rANS (compressai), training loss, DDIM sampling
-    codec    CDCCodec: the Codec (stream layout, padding, decode options steps/stochastic/seed)
-    train    the training loop, checkpoints, export to a weights file, the Ray Train driver (fit)
+    config         CDCConfig (network sizes, rate points, context groups; stored in weights
+                   files; PRESETS "hp128", "paper"), TrainConfig (one training run)
+    nets           the networks: analysis/hyper transforms, conditioning decoder, denoising UNet
+    context        ContextModel: channel groups + checkerboard refining the hyperprior (ELIC-style)
+    model          CDCModel: hyperprior entropy model, training loss, DDIM sampling
+    exact_parts    the integer half: ExactChain (integer conv nets), ExactHyperDecoder,
+                   ExactContext, the integer coding tables, and their export from float nets
+    codec          CDCCodec: the Codec (stream layout, padding, decode options steps/stochastic/seed)
+    train          the training loop, checkpoints, export to a weights file, the Ray Train driver (fit)
+    train_context  the context model trained on a released model's frozen transforms
 
-Where a change goes: network shapes in nets (and config if it needs a size); what is coded
-or how it is sampled in model; the stream layout in codec; optimisation in train.
+Where a change goes: network shapes in nets/context (and config if it needs a size); what is
+coded or how it is sampled in model; anything that decides a symbol in exact_parts; the stream
+layout in codec; optimisation in train.
 """
 
 from .codec import CDCCodec

@@ -2,7 +2,9 @@
 
 Stream (inside the model.bitstream container), params = the rate point (1 byte):
     chunk 0   CRC32 of the z symbols, then z coded with one integer table per channel
-    chunk 1   CRC32 of the y symbols, then y coded with one integer table per scale level
+    chunk 1   CRC32 of the y symbols, then y coded with one integer table per scale level:
+              in one part (hyperprior weights, cdc-hp128), or in the context model's passes,
+              group by group, anchors first (weights with `context_groups`)
 The image is edge-padded to a multiple of 64, so every shape follows from the header.
 
 Everything that decides a symbol is exact (`exact_parts`): a stream decodes to the same
@@ -34,7 +36,7 @@ from ..bitstream import BitstreamError, Header, read_varint, varint
 from ..codec import Codec
 from ..images import as_rgb8
 from ..registry import Weights
-from .exact_parts import ExactHyperDecoder
+from .exact_parts import CodePass, ExactContext, ExactHyperDecoder
 from .config import CDCConfig
 from .model import STRIDE, CDCModel
 
@@ -66,6 +68,8 @@ class CDCCodec(Codec):
         self.model.eval().to(self.device)
         exact_tensors = {k[len("exact."):]: v for k, v in weights.tensors.items() if k.startswith("exact.")}
         self.hyper = ExactHyperDecoder(exact_tensors, self.config.scale_levels, self.device)
+        self.context = (ExactContext(exact_tensors, self.config.context_groups, self.config.scale_levels, self.device)
+                        if self.config.context_groups else None)
         self.default_steps = self.config.default_steps
 
     @property
@@ -82,27 +86,44 @@ class CDCCodec(Codec):
         out = []
         with self.float_numerics():
             for img in map(as_rgb8, imgs):
-                z, k = self.encode_symbols(img)
-                levels, _ = self.hyper(z)
-                z_chunk = _symbols_chunk(z, _channel_groups(z), self.hyper.z_tables)
-                y_chunk = _symbols_chunk(k, levels, self.hyper.y_tables)
+                z, k, y_parts = self._encode(img)
+                z_chunk = _symbols_chunk(z, [(z, _channel_groups(z))], self.hyper.z_tables)
+                y_chunk = _symbols_chunk(k, y_parts, self.hyper.y_tables)
                 shortfall = _minimum_payload(*img.shape[:2]) - len(z_chunk) - len(y_chunk)
                 if shortfall > 0:
-                    y_chunk = _symbols_chunk(k, levels, self.hyper.y_tables, padding=shortfall)
+                    y_chunk = _symbols_chunk(k, y_parts, self.hyper.y_tables, padding=shortfall)
                 chunks = [z_chunk, y_chunk]
                 out.append(self.pack(img.shape[0], img.shape[1], chunks, _PARAMS.pack(self.rate)))
         return out
 
     def encode_symbols(self, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The integer (z, y) symbols a stream of `img` carries, already within the tables' range."""
+        z, k, _ = self._encode(img)
+        return z, k
+
+    def _encode(self, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(z, k, the y chunk's parts as (symbols, table levels) in coding order)."""
         rate = torch.tensor([self.rate], device=self.device)
         y = self.model.g_a(self._to_padded_tensor(as_rgb8(img))).double() * self.model.gains(rate)[0].double()
         z = torch.round(self.model.h_a(y.float()).double())
         z = torch.maximum(torch.minimum(z, self._z_limit(z)), -self._z_limit(z))
+        widths, parts = self.hyper.y_widths.to(self.device), []
+
+        def encode_pass(part: slice, levels: torch.Tensor, means: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            limit = widths[levels].double()
+            k = torch.maximum(torch.minimum(torch.round(y[:, part] - means), limit), -limit)
+            parts.append((k[mask].long(), levels[mask]))
+            return k
+
+        _, k = self._code_y(z.long(), encode_pass)
+        return z.long(), k.long(), parts
+
+    def _code_y(self, z: torch.Tensor, code_pass: CodePass) -> tuple[torch.Tensor, torch.Tensor]:
+        """(means, k) of y, coding its passes with `code_pass` (the hyperprior alone: one pass)."""
         levels, means = self.hyper(z)
-        k = torch.round(y - means)
-        limit = self.hyper.y_widths.to(self.device)[levels].to(k.dtype)
-        return z.long(), torch.maximum(torch.minimum(k, limit), -limit).long()
+        if self.context is not None:
+            return self.context.code(levels, means, code_pass)
+        return means, code_pass(slice(None), levels, means, torch.ones_like(levels, dtype=torch.bool)).double()
 
     def _z_limit(self, z: torch.Tensor) -> torch.Tensor:
         return self.hyper.z_widths.to(z.device, z.dtype)[None, :, None, None].expand_as(z)
@@ -159,9 +180,18 @@ class CDCCodec(Codec):
         z_shape = (1, self.config.n, ph // STRIDE, pw // STRIDE)
         z = _decode_chunk(chunks[0], _channel_groups(torch.zeros(z_shape)), self.hyper.z_tables, "z").reshape(z_shape)
         z = torch.from_numpy(z).to(self.device)
-        levels, means = self.hyper(z)
-        k = _decode_chunk(chunks[1], levels, self.hyper.y_tables, "y").reshape(levels.shape)
-        return z, torch.from_numpy(k).to(self.device), means
+        decoder, crc = _open_chunk(chunks[1], "y")
+
+        def decode_pass(part: slice, levels: torch.Tensor, means: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            k = torch.zeros(levels.shape, dtype=torch.float64, device=self.device)
+            values = decoder.decode(levels[mask].cpu().numpy(), self.hyper.y_tables)
+            k[mask] = torch.from_numpy(values).to(self.device, torch.float64)
+            return k
+
+        means, k = self._code_y(z, decode_pass)
+        decoder.finish()
+        _check_symbols(k.long().cpu().numpy().ravel(), crc, "y")
+        return z, k.long(), means
 
     def _sample(self, x_mean, features, steps: int, stochastic: bool, seed: int) -> torch.Tensor:
         shape = x_mean.shape
@@ -191,22 +221,35 @@ def _channel_groups(z: torch.Tensor) -> torch.Tensor:
     return torch.arange(z.shape[1]).reshape(1, -1, 1, 1).expand(z.shape)
 
 
-def _symbols_chunk(symbols: torch.Tensor, groups: torch.Tensor, tables, padding: int = 0) -> bytes:
-    """CRC32 of the symbols, the coder's length (varint), the coded symbols, then `padding` zero bytes."""
+def _symbols_chunk(symbols: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], tables,
+                   padding: int = 0) -> bytes:
+    """CRC32 of all the symbols (in tensor order), the coder's length (varint), the parts
+    (symbols, table of each) coded in order, then `padding` zero bytes."""
     values = symbols.cpu().numpy().ravel()
-    coded = entropy.encode_grouped(values, groups.cpu().numpy().ravel(), tables)
+    coded = entropy.encode_parts([(s.cpu().numpy(), g.cpu().numpy()) for s, g in parts], tables)
     return _CRC.pack(zlib.crc32(values.astype("<i4").tobytes())) + varint(len(coded)) + coded + bytes(padding)
 
 
-def _decode_chunk(chunk: bytes, groups: torch.Tensor, tables, what: str) -> np.ndarray:
+def _open_chunk(chunk: bytes, what: str) -> tuple[entropy.PartsDecoder, int]:
+    """A decoder of the chunk's coded parts, and the CRC the decoded symbols must have."""
     if len(chunk) < _CRC.size + 1:
         raise BitstreamError(f"CDC {what} chunk too short")
     length, start = read_varint(chunk, _CRC.size)
     if start + length > len(chunk) or any(chunk[start + length:]):
         raise BitstreamError(f"CDC {what} chunk is corrupt (its coded length does not fit)")
-    values = entropy.decode_grouped(chunk[start:start + length], groups.cpu().numpy().ravel(), tables)
-    if zlib.crc32(values.astype("<i4").tobytes()) != _CRC.unpack_from(chunk)[0]:
+    return entropy.PartsDecoder(chunk[start:start + length]), _CRC.unpack_from(chunk)[0]
+
+
+def _check_symbols(values: np.ndarray, crc: int, what: str) -> None:
+    if zlib.crc32(values.astype("<i4").tobytes()) != crc:
         raise BitstreamError(f"the {what} symbols decoded to other values than were encoded: the stream is corrupt")
+
+
+def _decode_chunk(chunk: bytes, groups: torch.Tensor, tables, what: str) -> np.ndarray:
+    decoder, crc = _open_chunk(chunk, what)
+    values = decoder.decode(groups.cpu().numpy().ravel(), tables)
+    decoder.finish()
+    _check_symbols(values, crc, what)
     return values
 
 

@@ -43,8 +43,13 @@ class CDCConfig:
     # with that rate's tables and decodes y_hat / k (Cui et al. extend gain units the same way).
     # Appended after the trained points, so a stream's rate index never changes meaning.
     derived_rates: tuple[tuple[str, str, float], ...] = ()
+    # Channel groups of y for the context entropy model (model/cdc/context.py), small first,
+    # summing to m; () codes y with the hyperprior alone (cdc-hp128).
+    context_groups: tuple[int, ...] = ()
 
     def __post_init__(self):
+        if self.context_groups and (sum(self.context_groups) != self.m or min(self.context_groups) < 1):
+            raise ValueError(f"context_groups must be positive and sum to m = {self.m}, got {self.context_groups}")
         trained = [f"q{i + 1}" for i in range(len(self.lambdas))]
         for name, source, scale in self.derived_rates:
             if source not in trained or not scale > 0 or name in trained:
@@ -66,7 +71,10 @@ class CDCConfig:
         return dataclasses.replace(PRESETS[preset], **config)
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, at every depth
+        config = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, at every depth
+        if not self.context_groups:  # weights from before the context model: their stored dict, unchanged
+            del config["context_groups"]
+        return config
 
     @property
     def rate_names(self) -> list[str]:

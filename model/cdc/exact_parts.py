@@ -1,10 +1,11 @@
-"""CDC's exact half: the integer hyper-synthesis and the integer coding tables (see `model.exact`).
+"""CDC's exact half: the integer hyper-synthesis, context model and coding tables (see `model.exact`).
 
 What decides a CDC stream's symbols: the z tables (one per channel, from the factorized
 density), the hyper-synthesis h_s that maps z symbols to each y element's scale level and
-mean, and the y tables (one per scale level). All three are integers in the weights
-file, made once at export by `export_exact`; the decoder only runs `ExactHyperDecoder`
-and integer table look-ups, so it decodes the same symbols on every machine.
+mean, the context model's nets that refine them (weights with `context_groups`), and the y
+tables (one per scale level). All are integers in the weights file, made once at export
+(`export_exact`, `export_context`); the decoder only runs `ExactChain`s (`ExactHyperDecoder`,
+`ExactContext`) and integer table look-ups, so it decodes the same symbols on every machine.
 
 Layers of h_s: transposed conv (5x5, stride 2), ReLU, transposed conv, ReLU, conv 3x3.
 Weights are int16 with a float64 scale per output channel; activations are integers
@@ -14,47 +15,101 @@ below 2^20 at a calibrated power-of-two scale (partial sums < 2^15 * 2^20 * 4800
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from .. import exact
+from .context import anchors, group_slices
+
+#: one coding pass: (channel slice, levels, means, mask) -> the group's symbols, valid at mask
+CodePass = Callable[[slice, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 ACTIVATION_BOUND = (1 << 20) - 1
 MEAN_EXPONENT = 10            # means live on a 2^-10 grid
+INPUT_EXPONENT = MEAN_EXPONENT  # the context nets' inputs too (levels, means, y-hat = k + mean)
+INPUT_BOUND = ACTIVATION_BOUND  # ... as integers below 2^20: values below 1024
+INPUT_LIMIT = INPUT_BOUND / 2.0 ** INPUT_EXPONENT
 TAIL_MASS = 1e-9              # z tables cover all but this much of each channel's density
 MAX_HALF_WIDTH = 1024
 
 
 # ---------------------------------------------------------------------- export (float64, once)
+#: how h_s's layers are applied: transposed conv (stride 2) twice, then a 3x3 conv
+HYPER_GEOMETRY = ("up", "up", "same")
+
+
 @torch.no_grad()
 def export_exact(model, z_calibration: torch.Tensor) -> dict[str, torch.Tensor]:
     """Integer h_s, z tables and y tables, as tensors for the weights file.
 
     `z_calibration`: integer z symbols of training crops, to choose activation exponents.
     """
-    out: dict[str, torch.Tensor] = {}
-    layers = model.h_s.layers
-    h = z_calibration.double()
-    exponents = []
-    for i, layer in enumerate(layers):
-        weight = layer.weight.detach().double()
-        transposed = isinstance(layer, torch.nn.ConvTranspose2d)
-        q, scale = exact.quantize_weight(weight.transpose(0, 1) if transposed else weight)
-        out[f"hs.{i}.weight"] = (q.transpose(0, 1) if transposed else q).to(torch.int16)
-        out[f"hs.{i}.scale"] = scale
-        out[f"hs.{i}.bias"] = layer.bias.detach().double()
-        h = layer.double()(h)
-        if i < len(layers) - 1:
-            h = torch.relu(h)
-            exponents.append(_exponent(float(h.abs().max())))
-        layer.float()
-    out["hs.exponents"] = torch.tensor(exponents, dtype=torch.int32)
+    out = export_chain(list(model.h_s.layers), HYPER_GEOMETRY, z_calibration.double(), "hs")
     z_tables, z_widths = _z_tables(model.z_density)
     out["z_tables"], out["z_widths"] = z_tables, z_widths
     y_tables, y_widths = _y_tables(model.config)
     out["y_tables"], out["y_widths"] = y_tables, y_widths
     return out
+
+
+def export_chain(layers: list[torch.nn.Module], geometry: tuple[str, ...], calibration: torch.Tensor,
+                 prefix: str) -> dict[str, torch.Tensor]:
+    """Conv layers with ReLU between them as int16 weights, a float64 scale per output channel,
+    float64 biases and one activation exponent per hidden layer, calibrated on `calibration`
+    (float64 inputs of the first layer)."""
+    out: dict[str, torch.Tensor] = {}
+    h, exponents = calibration, []
+    for i, (layer, kind) in enumerate(zip(layers, geometry)):
+        weight = layer.weight.detach().double()
+        transposed = kind == "up"
+        q, scale = exact.quantize_weight(weight.transpose(0, 1) if transposed else weight)
+        out[f"{prefix}.{i}.weight"] = (q.transpose(0, 1) if transposed else q).to(torch.int16)
+        out[f"{prefix}.{i}.scale"] = scale
+        out[f"{prefix}.{i}.bias"] = layer.bias.detach().double()
+        h = layer.double()(h)
+        layer.float()
+        if i < len(layers) - 1:
+            h = torch.relu(h)
+            exponents.append(_exponent(float(h.abs().max())))
+    out[f"{prefix}.exponents"] = torch.tensor(exponents, dtype=torch.int32)
+    return out
+
+
+@torch.no_grad()
+def export_context(context, y: torch.Tensor, base_levels: torch.Tensor, base_means: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
+    """The context model's nets as exact chains, calibrated on the inputs they see when coding
+    `y` (float, B x M x h x w) of training crops, with the exact hyperprior's base levels and means."""
+    out: dict[str, torch.Tensor] = {}
+    inputs = _context_inputs(context, y.double(), base_levels.double(), base_means.double())
+    for g, (net, (spatial_in, param_in)) in enumerate(zip(context.nets, inputs)):
+        out.update(export_chain([net.spatial], ("same",), spatial_in, f"ctx.{g}.spatial"))
+        out.update(export_chain(list(net.layers), ("same",) * len(net.layers), param_in, f"ctx.{g}.params"))
+    return out
+
+
+def _context_inputs(context, y, base_levels, base_means) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per group: the spatial conv's and the parameter net's inputs over both passes (float64)."""
+    context.double()
+    anchor = anchors(*y.shape[-2:])[None, None]
+    decoded, inputs = [], []
+    for net, part in zip(context.nets, context.slices):
+        earlier = torch.cat(decoded, 1) if decoded else y.new_zeros(y.shape[0], 0, *y.shape[2:])
+        level, mean = base_levels[:, part], base_means[:, part]
+        _, mean_a = net(level, mean, None, earlier)
+        hat_a = (torch.round(y[:, part] - mean_a) + mean_a) * anchor
+        _, mean_n = net(level, mean, hat_a, earlier)
+        params_in = [torch.cat([level, mean, net.spatial(hat), earlier], 1) for hat in (torch.zeros_like(hat_a), hat_a)]
+        inputs.append((torch.cat([torch.zeros_like(hat_a), hat_a]), torch.cat(params_in)))
+        mean_g = torch.where(anchor, mean_a, mean_n)
+        decoded.append(torch.round(y[:, part] - mean_g) + mean_g)
+    largest = max(float(x.abs().max()) for pair in inputs for x in pair)
+    if largest >= INPUT_LIMIT:
+        raise ValueError(f"context inputs reach {largest:.0f}, past the exact model's {INPUT_LIMIT} (2^-10 grid)")
+    context.float()
+    return inputs
 
 
 def _exponent(max_abs: float) -> int:
@@ -101,17 +156,38 @@ def _integer_row(pmf: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- run time (exact)
+class ExactChain:
+    """Integer conv layers (exported by `export_chain`) with ReLU between, in integer float64."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], prefix: str, geometry: tuple[str, ...],
+                 device: torch.device):
+        self.geometry = geometry
+        self.layers = [{k: tensors[f"{prefix}.{i}.{k}"].to(device, torch.float64) for k in ("weight", "scale", "bias")}
+                       for i in range(len(geometry))]
+        self.exponents = tensors[f"{prefix}.exponents"].tolist()
+
+    def __call__(self, h: torch.Tensor, exponent: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer input at scale 2^-exponent -> (last layer's integer accumulator, its unit per channel)."""
+        last = len(self.layers) - 1
+        for i, (layer, kind) in enumerate(zip(self.layers, self.geometry)):
+            unit = layer["scale"] * float(2.0 ** -exponent)
+            bias = torch.round(layer["bias"] / unit)
+            if kind == "up":
+                acc = exact.conv_transpose2d(h, layer["weight"], bias, stride=2, padding=2, output_padding=1)
+            else:
+                acc = exact.conv2d(h, layer["weight"], bias, padding=layer["weight"].shape[-1] // 2)
+            if i < last:
+                h = exact.requantize(acc, unit * float(2.0 ** self.exponents[i]), ACTIVATION_BOUND).clamp_(min=0)
+                exponent = self.exponents[i]
+        return acc, unit
+
+
 class ExactHyperDecoder:
     """z symbols -> (scale level, mean) of every y element, identically on every machine."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], levels: int, device: torch.device):
         self.device, self.levels = device, levels
-        self.layers = []
-        i = 0
-        while f"hs.{i}.weight" in tensors:
-            self.layers.append({k: tensors[f"hs.{i}.{k}"].to(device, torch.float64) for k in ("weight", "scale", "bias")})
-            i += 1
-        self.exponents = tensors["hs.exponents"].tolist()
+        self.chain = ExactChain(tensors, "hs", HYPER_GEOMETRY, device)
         self.z_tables = _split(tensors["z_tables"], tensors["z_widths"])
         self.y_tables = _split(tensors["y_tables"], tensors["y_widths"])
         self.z_widths = tensors["z_widths"].long()
@@ -119,23 +195,71 @@ class ExactHyperDecoder:
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z: integer symbols (B, N, h, w). Returns (levels as int64, means as float64 on a 2^-10 grid)."""
-        h, exponent = z.to(self.device, torch.float64), 0
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            unit = layer["scale"] * float(2.0 ** -exponent)
-            bias = torch.round(layer["bias"] / unit)
-            if i < last:
-                acc = exact.conv_transpose2d(h, layer["weight"], bias, stride=2, padding=2, output_padding=1)
-                exponent_out = self.exponents[i]
-                h = exact.requantize(acc, unit * float(2.0 ** exponent_out), ACTIVATION_BOUND).clamp_(min=0)  # ReLU
-                exponent = exponent_out
-            else:
-                acc = exact.conv2d(h, layer["weight"], bias, padding=1)
+        acc, unit = self.chain(z.to(self.device, torch.float64), 0)
         m = acc.shape[1] // 2
         position = torch.round(acc[:, :m] * unit[None, :m, None, None])
         levels = position.clamp_(0, self.levels - 1).long()
-        means = torch.round(acc[:, m:] * (unit[m:] * float(2.0 ** MEAN_EXPONENT))[None, :, None, None])
-        return levels, means * float(2.0 ** -MEAN_EXPONENT)
+        return levels, _mean_on_grid(acc[:, m:], unit[m:])
+
+
+class ExactContext:
+    """The context model's parameters of one coding pass, identically on every machine.
+
+    Inputs (base levels, base means, decoded y) lie on the 2^-10 grid; each is taken as
+    the integer value * 2^10, clamped to the exact layers' bound.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], groups: tuple[int, ...], levels: int, device: torch.device):
+        self.groups, self.levels = groups, levels
+        self.spatial = [ExactChain(tensors, f"ctx.{g}.spatial", ("same",), device) for g in range(len(groups))]
+        depth = sum(1 for k in tensors if k.startswith("ctx.0.params.") and k.endswith(".weight"))
+        self.params = [ExactChain(tensors, f"ctx.{g}.params", ("same",) * depth, device) for g in range(len(groups))]
+
+    def __call__(self, g: int, base_level: torch.Tensor, base_mean: torch.Tensor, decoded_anchors: torch.Tensor,
+                 earlier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group g's (levels as int64, means on the 2^-10 grid) from values on the 2^-10 grid."""
+        acc, unit = self.spatial[g](_on_grid(decoded_anchors), INPUT_EXPONENT)
+        spatial = exact.requantize(acc, unit * float(2.0 ** INPUT_EXPONENT), INPUT_BOUND)
+        inputs = torch.cat([_on_grid(base_level), _on_grid(base_mean), spatial, _on_grid(earlier)], 1)
+        acc, unit = self.params[g](inputs, INPUT_EXPONENT)
+        c = acc.shape[1] // 2
+        position = base_level + acc[:, :c] * unit[None, :c, None, None]
+        levels = torch.round(position).clamp_(0, self.levels - 1).long()
+        return levels, base_mean + _mean_on_grid(acc[:, c:], unit[c:])
+
+    def code(self, base_levels: torch.Tensor, base_means: torch.Tensor, code_pass: CodePass
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run every pass in the decoder's order: group by group, anchors first.
+
+        `code_pass(part, levels, means, mask)` gets one pass's tables and means (over the
+        group's channels `part`) and returns the group's symbols, valid where `mask` is:
+        the encoder rounds y there, the decoder decodes. Returns every element's (means, k).
+        """
+        anchor = anchors(*base_levels.shape[-2:], device=base_levels.device)[None, None]
+        means, symbols, decoded = torch.zeros_like(base_means), torch.zeros_like(base_means), []
+        for g, part in enumerate(group_slices(self.groups)):
+            earlier = torch.cat(decoded, 1) if decoded else base_means.new_zeros(base_means.shape[0], 0,
+                                                                                 *base_means.shape[2:])
+            hat = torch.zeros_like(base_means[:, part])
+            for mask in (anchor, ~anchor):
+                mask = mask.expand_as(hat)
+                levels, mean = self(g, base_levels[:, part].double(), base_means[:, part], hat, earlier)
+                k = code_pass(part, levels, mean, mask).double()
+                hat = torch.where(mask, k + mean, hat)
+                means[:, part] = torch.where(mask, mean, means[:, part])
+                symbols[:, part] = torch.where(mask, k, symbols[:, part])
+            decoded.append(hat)
+        return means, symbols
+
+
+def _on_grid(values: torch.Tensor) -> torch.Tensor:
+    """Values on the 2^-10 grid as the integers the exact layers take (exact: a power-of-two product)."""
+    return (values * float(2.0 ** INPUT_EXPONENT)).clamp_(-INPUT_BOUND, INPUT_BOUND)
+
+
+def _mean_on_grid(acc: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    means = torch.round(acc * (unit * float(2.0 ** MEAN_EXPONENT))[None, :, None, None])
+    return means * float(2.0 ** -MEAN_EXPONENT)
 
 
 def _split(flat: torch.Tensor, widths: torch.Tensor) -> list[np.ndarray]:
