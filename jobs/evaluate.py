@@ -5,8 +5,10 @@ HEVC-intra, on your own images.
     python -m jobs.evaluate --images 'photos/*.png' --out eval/ --codecs cdc-hp128:q1 cdc-hp128:q4 jpeg webp
 
 Writes results.json (every point, per image too), results.md (tables: BD-rate vs JPEG and
-WebP, the diffusion-steps table, every point), rd_psnr.png, rd_msssim.png and rd_swd.png
-(rate vs PSNR, MS-SSIM and realism), and prints the Markdown.
+WebP and AVIF, the diffusion-steps table, every point), rd_psnr.png, rd_msssim.png and rd_swd.png
+(rate vs PSNR, MS-SSIM and realism), side_by_side_RATE.png (crops of the first image: the
+original, CDC at 0 and --curve-steps steps, AVIF, WebP and JPEG at no more bytes), and prints
+the Markdown.
 
 --codecs takes registry names or weights paths of learned codecs (a CDC name alone means all
 its rate points, "name:q2" one of them) and classical names (jpeg webp avif jpeg2000 hevc).
@@ -25,7 +27,9 @@ import sys
 from jobs._cli import setup_logging
 from model.classical import CLASSICAL
 from model.evaluation import Settings, evaluate, load_images
+from model.registry import load_codec, split_variant
 from model.report import markdown, write_report
+from model.sidebyside import write_side_by_side
 
 DEFAULTS = Settings()
 
@@ -50,6 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--swd-patch", type=int, default=DEFAULTS.swd["patch_size"], help="SWD patch size (%(default)s)")
     p.add_argument("--swd-projections", type=int, default=DEFAULTS.swd["projections"],
                    help="SWD projections (%(default)s)")
+    p.add_argument("--side-by-side", nargs="*", default=["q0", "q6"], metavar="RATE",
+                   help="rate points of the side-by-side crops of the first image (first CDC codec against AVIF, "
+                        "WebP and JPEG at the same bytes; none: skip) (default: %(default)s)")
     p.add_argument("--device", help="torch device of the learned codecs (default: cuda if available)")
     p.add_argument("--threads", type=int, default=DEFAULTS.threads,
                    help="torch CPU threads; 0 = torch's default (%(default)s: fastest on a shared machine)")
@@ -61,9 +68,14 @@ def main(argv: list[str] | None = None) -> dict:
                         diffusion_size=args.diffusion_size, uqdm_size=args.uqdm_size, seed=args.seed,
                         swd={**DEFAULTS.swd, "patch_size": args.swd_patch, "projections": args.swd_projections},
                         device=args.device, threads=args.threads or None)
-    report = evaluate(load_images(args.images), settings)
+    images = load_images(args.images)
+    report = evaluate(images, settings)
     report["command"] = "python -m jobs.evaluate " + shlex.join(argv)
     write_report(report, args.out)
+    cdc = next((c for c in settings.learned if load_codec(split_variant(c)[0], device="cpu").has_variants), None)
+    if cdc and args.side_by_side:
+        write_side_by_side(next(iter(images.values())), str(split_variant(cdc)[0]), args.side_by_side, args.out,
+                           steps=args.curve_steps, device=args.device)
     print(markdown(report))
     return report
 

@@ -58,7 +58,7 @@ from .registry import load_codec, split_variant
 log = logging.getLogger(__name__)
 
 #: the curves every other is compared with by BD-rate
-BD_ANCHORS = ("jpeg", "webp")
+BD_ANCHORS = ("jpeg", "webp", "avif")
 
 
 @dataclass
@@ -412,7 +412,7 @@ def add_bits_vs_anchor(curves: list[dict], anchor: str = "jpeg") -> None:
 
 
 def bd_rate_table(curves: list[dict]) -> list[dict]:
-    """BD-rate of every lossy curve against each anchor (JPEG, WebP) on the same image set."""
+    """BD-rate of every lossy curve against each anchor (JPEG, WebP, AVIF) on the same image set."""
     out = []
     for curve in curves:
         if len(curve["points"]) < 2:

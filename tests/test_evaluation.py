@@ -151,7 +151,8 @@ def cli_run(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_cli_writes_every_output(cli_run):
     out, report = cli_run
-    for name in ("results.json", "results.md", "rd_psnr.png", "rd_msssim.png", "rd_swd.png"):
+    for name in ("results.json", "results.md", "rd_psnr.png", "rd_msssim.png", "rd_swd.png",
+                 "side_by_side_q0.png", "side_by_side_q6.png"):
         assert (out / name).stat().st_size > 0, name
     for name in ("rd_psnr.png", "rd_msssim.png", "rd_swd.png"):
         assert matplotlib.image.imread(out / name).shape[0] > 100
@@ -178,3 +179,16 @@ def test_cli_report_contents(cli_run):
     text = (out / "results.md").read_text()
     for heading in ("## BD-rate", "## Diffusion steps", "## Learned codecs", "## Classical codecs"):
         assert heading in text
+
+
+@pytest.mark.parametrize("name", ["avif", "webp", "jpeg"])
+def test_side_by_side_gives_classical_codecs_the_most_bytes_that_fit_the_budget_never_more(name):
+    from model.classical import classical_encode
+    from model.sidebyside import at_most_bytes
+
+    img = sample_image(96)
+    budget = len(classical_encode(name, img, 50)) + 7
+    quality, data = at_most_bytes(name, img, budget)
+    assert len(data) <= budget and quality >= 50
+    assert quality == 100 or len(classical_encode(name, img, quality + 1)) > budget
+    assert at_most_bytes(name, img, 10) is None  # no file is that small
