@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--groups: {args.groups!r} is not comma-separated integers")
     command = "python -m jobs.train_context " + shlex.join(sys.argv[1:] if argv is None else argv)
     cfg = ContextTrainConfig(**{k: getattr(args, k) for k in _FLAGS}, groups=groups, provenance=command)
-    context, curve = train_context(cfg)
-    print(export_with_context(cfg, context, curve))
+    print(export_with_context(cfg, *train_context(cfg)))
     return 0
 
 

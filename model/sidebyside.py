@@ -4,9 +4,10 @@ codecs at the same bytes.
     paths = write_side_by_side(img, "cdc-hp128", ["q0", "q6"], "out/", steps=4)
 
 For each rate point: the CDC stream's size sets the budget; AVIF, WebP and JPEG each get the
-highest quality whose file is no larger (so they never get more bytes than CDC). One PNG per
-rate point, panels of one central crop shown at 2x without smoothing, each titled with its
-codec, bytes, bpp and PSNR of the whole image.
+highest quality whose file is no larger (so they never get more bytes than CDC; one that cannot
+get that small shows its smallest file, marked). One PNG per rate point, panels of the same
+crop (the most detailed window) without smoothing, each titled with its codec, bytes, bpp and
+PSNR of the whole image.
 """
 
 from __future__ import annotations
@@ -57,12 +58,26 @@ def panels(img: np.ndarray, codec_name: str, rate: str, steps: int, device: str 
         out.append((title(f"{codec.name}, {decode_steps} steps", len(data), decoded), decoded))
     for name in COMPARED:
         found = at_most_bytes(name, img, len(data))
-        if found is None:
-            continue
-        quality, encoded = found
-        decoded = decode_image(encoded)[0]
-        out.append((title(f"{CLASSICAL[name].label} q{quality}", len(encoded), decoded), decoded))
+        label = CLASSICAL[name].label
+        if found is None:  # it cannot get this small: show its smallest file, marked as over budget
+            found = (QUALITIES[0], classical_encode(name, img, QUALITIES[0]))
+            label += f" q{QUALITIES[0]} (its smallest: {len(found[1]) / len(data):.1f}x the bytes)"
+        else:
+            label += f" q{found[0]}"
+        decoded = decode_image(found[1])[0]
+        out.append((title(label, len(found[1]), decoded), decoded))
     return out
+
+
+def detailed_crop(img: np.ndarray, crop: int) -> tuple[int, int]:
+    """(top, left) of the crop x crop window with the most detail (gradient energy), on a coarse grid:
+    flat sky shows nothing of a codec."""
+    gray = img.astype(np.float32).mean(axis=2)
+    energy = np.abs(np.diff(gray, axis=0))[:, :-1] + np.abs(np.diff(gray, axis=1))[:-1, :]
+    step = max(1, crop // 4)
+    candidates = [(t, c) for t in range(0, max(1, img.shape[0] - crop + 1), step)
+                  for c in range(0, max(1, img.shape[1] - crop + 1), step)]
+    return max(candidates, key=lambda tl: energy[tl[0]:tl[0] + crop, tl[1]:tl[1] + crop].sum())
 
 
 def write_side_by_side(img: np.ndarray, codec_name: str, rates: list[str], out_dir: str | Path, steps: int = 4,
@@ -74,7 +89,7 @@ def write_side_by_side(img: np.ndarray, codec_name: str, rates: list[str], out_d
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    top, left = max(0, (img.shape[0] - crop) // 2), max(0, (img.shape[1] - crop) // 2)
+    top, left = detailed_crop(img, crop)
     paths = []
     for rate in rates:
         shown = panels(img, codec_name, rate, steps, device)

@@ -118,3 +118,32 @@ def test_the_exact_context_runs_every_pass_in_order_and_sees_only_what_is_decode
         if index <= 6:  # up to and including the fourth group's (channels 64..127) first pass
             assert torch.equal(a, b), index
     assert any(not torch.equal(a, b) for a, b in zip(plain[7:], seen[7:]))
+
+
+def test_context_training_resumes_where_it_stopped_and_exports_new_weights_that_decode(tmp_path, cdc):
+    """A tiny run on sample photos: 4 steps, stopped after 2 and resumed; the export names both
+    commands, keeps the source's tensors and decodes its own streams."""
+    from PIL import Image
+
+    from model.cdc.train_context import ContextTrainConfig, export_with_context, train_context
+    from model.registry import read_weights
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, top in enumerate((0, 150)):
+        Image.fromarray(photo_crop(top, 100, 128, 128)).save(photos / f"p{i}.png")
+    base = dict(source="cdc-hp128", name="cdc-ctx-tiny", run_dir=str(tmp_path / "run"), crops=4, crop=64,
+                batch_size=2, data=str(photos), scales=(1.0,), checkpoint_every=2, log_every=1, threads=1,
+                export=str(tmp_path / "cdc-ctx-tiny.safetensors"))
+    _, curve, _ = train_context(ContextTrainConfig(**base, steps=2, provenance="first"))
+    assert [row["step"] for row in curve] == [1, 2]
+    context, curve, commands = train_context(ContextTrainConfig(**base, steps=4, provenance="second"))
+    assert [row["step"] for row in curve] == [1, 2, 3, 4] and commands == ["first", "second"]
+    path = export_with_context(ContextTrainConfig(**base, steps=4), context, curve, commands)
+    weights = read_weights(path)
+    assert weights.name == "cdc-ctx-tiny" and weights.config["model"]["context_groups"] == list(GROUPS)
+    assert "first; then second" in weights.provenance and cdc.weights.provenance in weights.provenance
+    assert torch.equal(weights.tensors["g_a.net.0.weight"], cdc.weights.tensors["g_a.net.0.weight"])
+    codec = CDCCodec(weights, device="cpu")
+    img = photo_crop(30, 40, 64, 64)
+    assert torch.equal(codec.decode_symbols(codec.compress(img))[1], codec.encode_symbols(img)[1])

@@ -117,7 +117,8 @@ def rate_bits(context: ContextModel, config: CDCConfig, y: torch.Tensor, levels:
     return -torch.log2(gaussian_likelihood(noisy - mean, scale)).mean()
 
 
-def train_context(cfg: ContextTrainConfig) -> tuple[ContextModel, list[dict]]:
+def train_context(cfg: ContextTrainConfig) -> tuple[ContextModel, list[dict], list[str]]:
+    """Train (or resume) the run; returns the nets, the curve and the commands that made them."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     codec = load_codec(cfg.source, device="cpu")
@@ -130,6 +131,10 @@ def train_context(cfg: ContextTrainConfig) -> tuple[ContextModel, list[dict]]:
     rng = np.random.default_rng(cfg.seed)
     if (checkpoint / "state.json").is_file():
         state = _resume(checkpoint, context, optimizer, rng)
+    # the provenance: every command that worked on this run, in order (a resumed run may change --steps)
+    state.setdefault("commands", [])
+    if cfg.provenance and cfg.provenance not in state["commands"][-1:]:
+        state["commands"].append(cfg.provenance)
     started, before, window = time.time(), state["elapsed_s"], []
     while state["step"] < cfg.steps:
         lr = cfg.lr * (0.1 if state["step"] >= 0.8 * cfg.steps else 1.0)
@@ -152,7 +157,7 @@ def train_context(cfg: ContextTrainConfig) -> tuple[ContextModel, list[dict]]:
             state["elapsed_s"] = before + time.time() - started
             state["rng"] = rng.bit_generator.state
             save_checkpoint(checkpoint, context, optimizer, state)
-    return context, state["curve"]
+    return context, state["curve"], state["commands"]
 
 
 def _resume(checkpoint: Path, context: ContextModel, optimizer, rng: np.random.Generator) -> dict:
@@ -168,12 +173,13 @@ def _resume(checkpoint: Path, context: ContextModel, optimizer, rng: np.random.G
     return state
 
 
-def export_with_context(cfg: ContextTrainConfig, context: ContextModel, curve: list[dict]) -> Path:
+def export_with_context(cfg: ContextTrainConfig, context: ContextModel, curve: list[dict], commands: list[str]
+                        ) -> Path:
     """The source's weights plus the trained context nets, under `cfg.name`, and the curve beside them."""
     codec = load_codec(cfg.source, device="cpu")
     cache = LatentCache(load_file(str(Path(cfg.run_dir) / "latents.safetensors")))
-    weights = with_context(codec, context, cache.batch(64, np.random.default_rng(12345)), cfg.name, cfg.provenance,
-                           steps=curve[-1]["step"] if curve else 0)
+    weights = with_context(codec, context, cache.batch(64, np.random.default_rng(12345)), cfg.name,
+                           "; then ".join(commands) or cfg.provenance, steps=curve[-1]["step"] if curve else 0)
     path = save_weights(weights, cfg.export or SHIPPED_DIR / f"{cfg.name}.safetensors", replace=True)
     with open(path.with_suffix(".context-curve.json"), "w") as f:
         json.dump(curve, f)
