@@ -287,6 +287,8 @@ def decode_options(progressive: bool, what: str, steps: int | None, chunks: int 
     if steps is not None and progressive:
         raise ArchiveError(f"{what}: UQDM spends one diffusion step per chunk, so choose the prefix with chunks, "
                            "not steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+        raise ArchiveError(f"steps must be a whole number of diffusion steps >= 0 (0: the mean image), got {steps!r}")
     return {name: value for name, value in (("steps", steps), ("chunks", chunks)) if value is not None}
 
 
