@@ -1,12 +1,124 @@
-"""What every command line shares: one logging set-up."""
+"""What every command line shares: the parser, flag types and checks, logging.
+
+A user's mistake (a flag out of range, a codec name that is not installed, an input that does
+not exist) is a UsageError: `jobs.cli.main` prints it as one line on stderr and exits with
+status 2 (`--verbose` adds the trace). Every check runs before Ray starts.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from model import load_codec
+from model.registry import canonical_name
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+USAGE = 2  # exit status of a user's mistake, as argparse's
+#: set by `ray job submit` in the entrypoint's environment (ray.dashboard.modules.job.job_supervisor)
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+log = logging.getLogger("jobs")
+
+
+class UsageError(Exception):
+    """A mistake the user fixes on the command line: one line on stderr, exit status 2."""
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake raises UsageError (one line, no usage block) instead of exiting."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        raise UsageError(message, self.prog)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
     """INFO and above to stderr, in one format for every job."""
     logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
+@contextmanager
+def usage_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Inside: exceptions of `kinds` are the user's to fix, and become UsageError (the cause kept for --verbose)."""
+    try:
+        yield
+    except kinds as exc:
+        raise UsageError(str(exc)) from exc
+
+
+# ---------------------------------------------------------------------- flag types
+def positive_int(text: str) -> int:
+    return _bounded(text, int, 1, "a whole number >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    return _bounded(text, int, 0, "a whole number >= 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _bounded(text, float, 0.0, "a number >= 0")
+
+
+def _bounded(text: str, kind: type, low: float, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not low <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def json_object(text: str) -> dict:
+    """--storage-options: a JSON object. Never echoes the text: it may hold credentials."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}); the value is not shown, it may hold credentials") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object (name: value) is needed, got a {type(value).__name__}")
+    return value
+
+
+def add_storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-options", type=json_object, default={}, metavar="JSON",
+        help="fsspec options as a JSON object, e.g. '{\"endpoint_url\": \"https://s3.example.com\"}'. Give "
+             "credentials through the AWS chain (environment, ~/.aws profile, instance role), not here: "
+             "`ray job submit` writes the command line into the job's log")
+
+
+# ---------------------------------------------------------------------- checks before any work
+def check_codec(name: str) -> str:
+    """The name the actors load: an alias resolved ("uqdm-tiny" -> "uqdm-tiny-exact2"), and loaded
+    here once (CPU), so that a name, rate point or weights file that cannot load is one line, not
+    a traceback from every actor."""
+    with usage_errors(FileNotFoundError, ValueError, SafetensorError):  # the message names what the user typed
+        load_codec(name, device="cpu")
+    canonical = canonical_name(name)
+    if canonical != name:
+        log.info("codec %s: %s", name, canonical)
+    return canonical
+
+
+def check_output(url: str, flag: str, env: dict[str, str] | os._Environ = os.environ) -> str:
+    """An output location as given, unless it is a relative path under `ray job submit`: refused.
+
+    There the command runs in Ray's temporary copy of --working-dir, so a relative output would
+    land in that copy (on whichever node) and be deleted with it.
+    """
+    if RAY_JOB_ENV in env and "://" not in url and not Path(url).is_absolute():
+        raise UsageError(f"{flag} {url!r} is a relative path, and this runs as a Ray job, in a temporary copy of "
+                         f"--working-dir that Ray deletes: give an absolute path on storage that every node sees, or "
+                         f"a URL (s3://bucket/archive)")
+    return url

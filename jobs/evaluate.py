@@ -1,8 +1,8 @@
 """Rate, distortion and realism of the learned codecs against JPEG, WebP, AVIF, JPEG 2000 and
 HEVC-intra, on your own images.
 
-    python -m jobs.evaluate --images 'photos/*.png' --out eval/
-    python -m jobs.evaluate --images 'photos/*.png' --out eval/ --codecs cdc-hp128:q1 cdc-hp128:q4 jpeg webp
+    diffpress evaluate --images 'photos/*.png' --out eval/
+    diffpress evaluate --images 'photos/*.png' --out eval/ --codecs cdc-hp128:q1 cdc-hp128:q4 jpeg webp
 
 Writes results.json (every point, per image too), results.md (tables: BD-rate vs JPEG and
 WebP and AVIF, the diffusion-steps table, every point), rd_psnr.png, rd_msssim.png and rd_swd.png
@@ -21,64 +21,89 @@ each comparison stays within one set. What each metric and set is: model/evaluat
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 
-from jobs._cli import setup_logging
+from jobs import cli
+from jobs._cli import UsageError, check_codec, non_negative_int, positive_int, usage_errors
 from model.classical import CLASSICAL
 from model.evaluation import Settings, evaluate, load_images
 from model.registry import load_codec, split_variant
 from model.report import markdown, write_report
 from model.sidebyside import write_side_by_side
 
+HELP = "rate, distortion and realism against JPEG, WebP, AVIF, JPEG 2000, HEVC on your images"
 DEFAULTS = Settings()
+log = logging.getLogger("jobs.evaluate")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="glob of images to evaluate on (quote it)")
     p.add_argument("--out", required=True, help="folder for results.json, results.md and the plots")
-    p.add_argument("--codecs", nargs="+", default=DEFAULTS.learned + DEFAULTS.classical,
-                   help="learned (registry names, weights paths, name:rate) and classical codecs; default: %(default)s")
-    p.add_argument("--steps", type=int, nargs="+", default=DEFAULTS.steps,
+    p.add_argument("--codecs", nargs="+",
+                   help="learned (registry names, weights paths, name:rate) and classical codecs; default: "
+                        f"{' '.join(DEFAULTS.learned + DEFAULTS.classical)} (learned ones that are not installed "
+                        "are skipped, with a warning)")
+    p.add_argument("--steps", type=non_negative_int, nargs="+", default=DEFAULTS.steps,
                    help="DDIM steps for the steps table (default: %(default)s)")
     p.add_argument("--steps-rate", default=DEFAULTS.steps_rate, help="rate point of the steps table (%(default)s)")
-    p.add_argument("--curve-steps", type=int, default=DEFAULTS.curve_steps,
+    p.add_argument("--curve-steps", type=positive_int, default=DEFAULTS.curve_steps,
                    help="DDIM steps of the diffusion rate curves (%(default)s)")
-    p.add_argument("--diffusion-size", type=int, default=DEFAULTS.diffusion_size,
+    p.add_argument("--diffusion-size", type=non_negative_int, default=DEFAULTS.diffusion_size,
                    help="central crop size for CDC decodes with steps > 0; 0 = full images (%(default)s)")
-    p.add_argument("--uqdm-size", type=int, default=DEFAULTS.uqdm_size,
+    p.add_argument("--uqdm-size", type=non_negative_int, default=DEFAULTS.uqdm_size,
                    help="UQDM images: resized and centre-cropped to this size; 0 = full images (%(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of stochastic decoding (%(default)s)")
-    p.add_argument("--swd-patch", type=int, default=DEFAULTS.swd["patch_size"], help="SWD patch size (%(default)s)")
-    p.add_argument("--swd-projections", type=int, default=DEFAULTS.swd["projections"],
+    p.add_argument("--swd-patch", type=positive_int, default=DEFAULTS.swd["patch_size"],
+                   help="SWD patch size (%(default)s)")
+    p.add_argument("--swd-projections", type=positive_int, default=DEFAULTS.swd["projections"],
                    help="SWD projections (%(default)s)")
     p.add_argument("--side-by-side", nargs="*", default=["q0", "q6"], metavar="RATE",
                    help="rate points of the side-by-side crops of the first image (first CDC codec against AVIF, "
                         "WebP and JPEG at the same bytes; none: skip) (default: %(default)s)")
     p.add_argument("--device", help="torch device of the learned codecs (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=DEFAULTS.threads,
+    p.add_argument("--threads", type=non_negative_int, default=DEFAULTS.threads,
                    help="torch CPU threads; 0 = torch's default (%(default)s: fastest on a shared machine)")
-    args = p.parse_args(argv)
-    setup_logging()
-    settings = Settings(learned=[c for c in args.codecs if c not in CLASSICAL],
-                        classical=[c for c in args.codecs if c in CLASSICAL],
+
+
+def learned_codecs(asked: list[str] | None) -> list[str]:
+    """The learned codecs to run, each checked here: the ones asked for must load; of the defaults,
+    those not installed (UQDM before its import) are skipped with a warning."""
+    if asked is not None:
+        return [check_codec(name) for name in asked if name not in CLASSICAL]
+    found = []
+    for name in DEFAULTS.learned:
+        try:
+            found.append(check_codec(name))
+        except UsageError as exc:
+            log.warning("skipping %s: %s", name, exc)
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    with usage_errors(FileNotFoundError):
+        images = load_images(args.images)
+    classical = DEFAULTS.classical if args.codecs is None else [c for c in args.codecs if c in CLASSICAL]
+    settings = Settings(learned=learned_codecs(args.codecs), classical=classical,
                         curve_steps=args.curve_steps, steps=args.steps, steps_rate=args.steps_rate,
                         diffusion_size=args.diffusion_size, uqdm_size=args.uqdm_size, seed=args.seed,
                         swd={**DEFAULTS.swd, "patch_size": args.swd_patch, "projections": args.swd_projections},
                         device=args.device, threads=args.threads or None)
-    images = load_images(args.images)
     report = evaluate(images, settings)
-    report["command"] = "python -m jobs.evaluate " + shlex.join(argv)
+    report["command"] = "diffpress " + shlex.join(args.argv)
     write_report(report, args.out)
     cdc = next((c for c in settings.learned if load_codec(split_variant(c)[0], device="cpu").has_variants), None)
     if cdc and args.side_by_side:
         write_side_by_side(next(iter(images.values())), str(split_variant(cdc)[0]), args.side_by_side, args.out,
                            steps=args.curve_steps, device=args.device)
     print(markdown(report))
-    return report
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.alias("evaluate", argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,10 +1,10 @@
 """Train CDC (one stage) and export it as a registry weights file; Ray Train or in-process.
 
-    python -m jobs.train --name cdc-hp128 --stage content --steps 20000              # Ray Train, 1 worker
-    python -m jobs.train --name cdc-hp128 --stage diffusion --steps 4000 \\
+    diffpress train --name cdc-hp128 --stage content --steps 20000              # Ray Train, 1 worker
+    diffpress train --name cdc-hp128 --stage diffusion --steps 4000 \\
         --init-from runs/cdc-hp128/content/checkpoint --run-dir runs/cdc-hp128/diffusion
-    python -m jobs.train ... --workers 8 --gpu --device cuda                         # a GPU cluster
-    python -m jobs.train ... --in-process                                            # no Ray (one machine)
+    diffpress train ... --workers 8 --gpu --device cuda                         # a GPU cluster
+    diffpress train ... --in-process                                            # no Ray (one machine)
 
 Every TrainConfig field is a flag (model/cdc/config.py says what each does). Stages:
 content (rate + MSE of the content path, every rate point at once), diffusion (the
@@ -17,64 +17,99 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import shlex
 import sys
 import typing
 from dataclasses import fields
 from pathlib import Path
 
-from jobs._cli import setup_logging
-from model.cdc.config import PRESETS, TrainConfig
+from jobs import cli
+from jobs._cli import UsageError, positive_int, usage_errors
+from model.cdc.config import PRESETS, STAGES, TrainConfig
 from model.cdc.train import export, fit, train
 
-log = logging.getLogger("jobs.train")
+HELP = "train CDC weights (one stage), on Ray Train or in-process"
 _PATHS = ("init_from", "data", "run_dir", "export")
+_NOT_FLAGS = ("model", "rank", "world_size", "provenance")  # set by --preset/--lambdas, per worker, or from the command
+#: the help of every TrainConfig flag (a test checks that none is missing)
+FIELD_HELP = {
+    "name": "registry name of the exported weights (required)",
+    "run_dir": "checkpoints and curve go here; rerunning resumes from it (default: runs/NAME/STAGE)",
+    "stage": f"what to train: {', '.join(STAGES)} (default: %(default)s)",
+    "steps": "total optimizer steps of this stage; a resumed run continues to it (default: %(default)s)",
+    "minutes": "instead of --steps: as many steps as fit in this many minutes",
+    "batch_size": "crops per step and worker (default: %(default)s)",
+    "crop": "crop size in pixels (default: %(default)s)",
+    "lr": "peak learning rate (default: %(default)s)",
+    "warmup": "steps of linear learning-rate warm-up (default: %(default)s)",
+    "decay_from": "fraction of the steps after which the rate decays (cosine) to lr/10 (default: %(default)s)",
+    "diffusion_weight": "joint stage: weight of the diffusion loss (default: %(default)s)",
+    "init_from": "a checkpoint folder to start this stage from (e.g. the content stage's)",
+    "data": "folder of training photos (default: %(default)s, the team's shared photos)",
+    "scales": "each photo is sampled at these scales (default: %(default)s)",
+    "export": "weights file to write at the end (default: model/weights/NAME.safetensors)",
+    "seed": "seed of crops and initialisation (default: %(default)s)",
+    "threads": "torch CPU threads per worker (default: %(default)s)",
+    "bf16": "autocast convolutions to bfloat16, fp32 master weights: true or false (default: %(default)s)",
+    "log_every": "steps between log lines (default: %(default)s)",
+    "checkpoint_every": "steps between checkpoints (default: %(default)s)",
+    "device": "torch device of each worker, e.g. cuda (default: %(default)s)",
+}
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        if f.name in ("model", "rank", "world_size", "provenance"):
+        if f.name in _NOT_FLAGS:
             continue
-        kind = hints[f.name]
+        kind, flag, help_text = hints[f.name], f"--{f.name.replace('_', '-')}", FIELD_HELP[f.name]
         if kind is bool:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"),
-                           default=f.default)
+            p.add_argument(flag, type=_boolean, default=f.default, help=help_text)
         elif f.name == "scales":
-            p.add_argument("--scales", type=float, nargs="+", default=list(f.default))
+            p.add_argument("--scales", type=float, nargs="+", default=list(f.default), help=help_text)
         else:
             convert = float if kind in (float, float | None) else int if kind is int else str
             default = None if f.default is dataclasses.MISSING else f.default
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=convert, default=default,
-                           required=f.name == "name")
-    p.add_argument("--preset", default="hp128", choices=sorted(PRESETS))
+            p.add_argument(flag, type=convert, default=default, required=f.name == "name", help=help_text)
+    p.add_argument("--preset", default="hp128", choices=sorted(PRESETS), help="network sizes (default: %(default)s)")
     p.add_argument("--lambdas", type=float, nargs="+", help="the rate points' MSE weights (default: the preset's)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
+    p.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers, data parallel (default: 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
     p.add_argument("--in-process", action="store_true", help="run the loop here, without Ray")
-    return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    setup_logging()
+def run(args: argparse.Namespace) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values["run_dir"] = values.get("run_dir") or str(Path("runs") / args.name / args.stage)
     values.update({k: str(Path(values[k]).resolve()) for k in _PATHS if values.get(k)})
     values["scales"] = tuple(values["scales"])
+    if not Path(values["data"]).is_dir():  # checked here, not by the first worker that samples a crop
+        raise UsageError(f"no training photos at {values['data']}: give --data FOLDER (of images), or set "
+                         "DIFFPRESS_SHARED to the team's shared folder")
+    if values.get("init_from") and not Path(values["init_from"]).is_dir():
+        raise UsageError(f"--init-from {values['init_from']}: no such checkpoint folder")
     model = PRESETS[args.preset]
     if args.lambdas:
         model = dataclasses.replace(model, lambdas=tuple(args.lambdas))
-    config = TrainConfig(**values, model=model, provenance="python -m jobs.train " + shlex.join(argv))
+    with usage_errors(ValueError):
+        config = TrainConfig(**values, model=model, provenance="diffpress " + shlex.join(args.argv))
     if args.in_process:
         model, curve = train(config)
         export(model, curve, config)
     else:
         fit(config, workers=args.workers, gpu=args.gpu)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.alias("train", argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

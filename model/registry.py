@@ -8,7 +8,10 @@ weights were made never changes which streams they decode. Nothing here unpickle
 
 Names resolve, in order, to: a path to a file or folder; `<name>.safetensors` in
 $DIFFPRESS_WEIGHTS; in the weights shipped inside this package (model/weights/);
-in ~/.cache/diffpress/weights (where `jobs.import_uqdm` writes by default).
+in ~/.cache/diffpress/weights (where `diffpress import-uqdm` writes by default). A short
+name of the catalog's (`uqdm-tiny`, `cdc`) stands for its release when no file has that name
+itself; an unknown name is refused with how to get the release it names, or the installed
+names it may be a typo of.
 
 A stream or archive names the weights it needs by digest. `load_codec_for(name, digest)`
 loads them by name, or finds an installed file with that digest under another name, or
@@ -18,6 +21,7 @@ every release (weights/catalog.json).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import json
@@ -124,18 +128,52 @@ def resolve(name_or_path: str | Path) -> Path:
             raise FileNotFoundError(f"no weights file at {candidate}")
         return candidate
     searched = search_dirs()
+    name = str(name_or_path)
     for folder in searched:
-        path = folder / f"{name_or_path}.safetensors"
+        path = folder / f"{_unalias(name)}.safetensors"
         if path.is_file():
             return path
-    hint = ""
-    if str(name_or_path).startswith("uqdm"):
-        hint = (" The UQDM weights are the authors' checkpoint (github.com/mandt-lab/uqdm, checkpoints/uqdm-tiny): "
-                "import it once with `python -m jobs.import_uqdm PATH/TO/uqdm-tiny` (a folder with config.json "
-                "and checkpoint.pt).")
-    raise FileNotFoundError(
-        f"unknown codec weights {str(name_or_path)!r}; looked in {', '.join(map(str, searched))}. "
-        f"Available: {', '.join(available()) or 'none'}.{hint}")
+    raise FileNotFoundError(f"unknown codec weights {name!r}; looked in {', '.join(map(str, searched))}. "
+                            f"Available: {', '.join(available()) or 'none'}.{_missing_hint(name)}")
+
+
+def _missing_hint(name: str) -> str:
+    """How to get a release that is not installed (from the catalog), else the installed names it may be a typo of.
+
+    Only for a release missing here does it say how to get it: a user who imported the UQDM
+    weights and mistyped their name is shown the name, not told to import them again.
+    """
+    installed = available()
+    usable = installed + [short for short, release in aliases().items() if release in installed]
+    close = difflib.get_close_matches(name, usable, n=3, cutoff=0.6)
+    if close:
+        return f" Did you mean {' or '.join(close)}?"
+    releases = {e["name"]: e for e in _catalog()["weights"]}
+    wanted = difflib.get_close_matches(name, [*releases, *aliases()], n=1, cutoff=0.6)
+    if not wanted:
+        return ""
+    release = aliases().get(wanted[0], wanted[0])
+    return f" {release} is a release that is not installed here; to get it: {releases[release]['get']}."
+
+
+def aliases() -> dict[str, str]:
+    """Short names ("uqdm-tiny", "cdc") -> the release they stand for (catalog.json); a weights
+    file with the short name itself wins over its alias."""
+    return dict(_catalog()["aliases"])
+
+
+def _unalias(name: str) -> str:
+    """`name`, unless it is an alias and no weights file has the name itself: then its release."""
+    if name not in aliases() or any((folder / f"{name}.safetensors").is_file() for folder in search_dirs()):
+        return name
+    return aliases()[name]
+
+
+def canonical_name(name_or_path: str | Path) -> str:
+    """The name `load_codec` resolves: an alias replaced by its release (variant kept), anything else unchanged."""
+    path, variant = split_variant(name_or_path)
+    text = str(path) if Path(path).exists() else _unalias(str(path))
+    return f"{text}:{variant}" if variant else text
 
 
 def search_dirs() -> list[Path]:
@@ -151,8 +189,17 @@ def available() -> list[str]:
 def catalog_entry(digest: bytes | str) -> dict | None:
     """The catalog's entry for a digest (the full 16 bytes, or a stream's 8-byte prefix), if any."""
     prefix = digest.hex() if isinstance(digest, bytes) else digest
-    entries = json.loads(CATALOG.read_text())["weights"]
-    return next((e for e in entries if e["digest"].startswith(prefix)), None)
+    return next((e for e in _catalog()["weights"] if e["digest"].startswith(prefix)), None)
+
+
+def catalog() -> list[dict]:
+    """Every released weights name: name, family, digest (hex), how to get it."""
+    return list(_catalog()["weights"])
+
+
+@lru_cache(maxsize=1)
+def _catalog() -> dict:
+    return json.loads(CATALOG.read_text())
 
 
 def describe_weights(digest: bytes | str) -> str:

@@ -58,9 +58,27 @@ class ArchiveError(RuntimeError):
     """An archive record is missing, ambiguous or does not match its manifest; a read the archive cannot serve."""
 
 
-class Archive:
+class MissingKey(ArchiveError, KeyError):
+    """No record has this key: an ArchiveError, and a KeyError so that `archive.get(key)` works."""
+
+    __str__ = ArchiveError.__str__  # the message as written, not KeyError's repr of it
+
+
+class Archive(Mapping):
     """An archive at `url`. `allow_incomplete`: warn instead of raising when manifests that
-    `_SUCCESS` counted are missing. `device`: where the codec decodes (default: cuda if seen)."""
+    `_SUCCESS` counted are missing. `device`: where the codec decodes (default: cuda if seen).
+
+    A read-only Mapping from key to decoded image (HxWx3 uint8, the codec's default decode: CDC's
+    mean image, UQDM lossless): `len(archive)`, `key in archive`, `archive[key]`, `for key in
+    archive`, `archive.get(key)`. Its keys are the distinct keys; a key in several shards is one
+    key, and `archive[key]` refuses it (ArchiveError): `decode(key, shard=...)` chooses. A missing
+    key raises MissingKey, a KeyError. Only `archive[key]` decodes: `in`, `len` and iteration read
+    the manifests' key columns.
+    """
+
+    # Mapping's == would decode every image of both archives; two readers are equal only if one.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     def __init__(self, url: str, storage_options: Mapping | None = None, codec: Codec | None = None,
                  device: str | torch.device | None = None, allow_incomplete: bool = False):
@@ -168,6 +186,18 @@ class Archive:
         """Every key once, in shard order (a key in several shards is listed once)."""
         return list(self._index)
 
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.decode(key)
+
     def locate(self, keys: Iterable[str], shards: Iterable[str] | None = None) -> dict[str, list[int]]:
         """shard -> row numbers of the records with these keys (in every shard, or only in `shards`).
         Raises ArchiveError naming the keys that are in none of them."""
@@ -192,7 +222,7 @@ class Archive:
             places = [place for place in places if place[0] == shard]
         if not places:
             where = f" in shard {shard!r}" if shard is not None else ""
-            raise ArchiveError(f"no image with key {key!r}{where} in {self.url}")
+            raise MissingKey(f"no image with key {key!r}{where} in {self.url}")
         if len(places) > 1:
             raise ArchiveError(f"key {key!r} is in {len(places)} shards of {self.url} "
                                f"({', '.join(s for s, _ in places)}): pass shard= to choose one")
@@ -287,6 +317,8 @@ def decode_options(progressive: bool, what: str, steps: int | None, chunks: int 
     if steps is not None and progressive:
         raise ArchiveError(f"{what}: UQDM spends one diffusion step per chunk, so choose the prefix with chunks, "
                            "not steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+        raise ArchiveError(f"steps must be a whole number of diffusion steps >= 0 (0: the mean image), got {steps!r}")
     return {name: value for name, value in (("steps", steps), ("chunks", chunks)) if value is not None}
 
 

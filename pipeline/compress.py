@@ -201,16 +201,22 @@ class _ShardProgress:
 def run_compress(config: CompressConfig) -> RunSummary:
     """Compress every uncommitted shard of `config.inputs` into the archive at `config.output`.
 
-    Needs a connected Ray (ray.init). Safe to rerun: committed shards are skipped, shards
-    left uncommitted by transient failures are done again.
+    Joins Ray (connect_ray) only once the inputs are listed and the archive is checked: inputs
+    that do not exist, or an archive this run would corrupt, are a ConfigError before any
+    work. Safe to rerun: committed shards are skipped, shards left uncommitted by transient
+    failures are done again.
     """
     log.info("compress_bucket config: %s", json.dumps(config.public()))
-    shards = list_shards(config.inputs, config.storage_options)
+    try:
+        shards = list_shards(config.inputs, config.storage_options)
+    except (FileNotFoundError, ValueError) as exc:  # no such input, two inputs of one name: the user's to fix
+        raise ConfigError(str(exc)) from exc
     output = open_location(config.output, config.storage_options)
     committed = read_committed(output)  # one listing, one footer per manifest
     _refuse_other_sources(config, shards, committed)
     pending = [s for s in shards if s.name not in committed]
     log.info("%d shards, %d already committed", len(shards), len(shards) - len(pending))
+    connect_ray()
     encoders, use_gpus = _start_encoders(config)
     try:
         scheduler = _Scheduler(config, encoders, use_gpus)

@@ -6,7 +6,8 @@ Output at `to`, per archive shard:
 
     <shard>.tar              fmt "wds": the shard's records as webdataset samples, same name as the
                              archive shard: <key>.png (the decoded image) + the original extras
-    <shard>/<name>.png       fmt "png": one PNG per record, name = safe_name(key)
+    <shard>/<name>.png       fmt "png": one PNG per record, name = safe_name(key), and beside it
+                             the record's extras as <name>.<ext> (<name>.cls, <name>.json, ...)
     _decode/<shard>.json     written last, the shard's commit: options, counts, the records that
                              failed and why, output names -> keys
 
@@ -286,17 +287,26 @@ class TarOutput:
 
 
 class PngOutput:
-    """One PNG per record under `<shard>/`, named safe_name(key)."""
+    """One PNG per record under `<shard>/`, named safe_name(key), and the record's extras beside it
+    (`<name>.cls`, `<name>.json`, ...: the labels stay with their images). As in a .tar, an extra
+    named `png` keeps its name and the decoded image is `<name>.decoded.png`."""
 
     def __init__(self, target: Location, shard: str):
         self.target, self.shard = target, shard
-        self.names: dict[str, dict[str, str]] = {"files": {}}  # file name -> key
+        # file name -> key: the decoded images ("files"), and the extras written beside them
+        self.names: dict[str, dict[str, str]] = {"files": {}, "extras": {}}
 
     def add(self, row: dict, png: bytes) -> None:
-        name = f"{safe_name(row['key'])}.png"
+        stem = safe_name(row["key"])
+        name = f"{stem}.{image_member(row['extras'])}"
         if name in self.names["files"]:
             raise ArchiveError(f"keys {self.names['files'][name]!r} and {row['key']!r} map to one file name {name}")
-        self.target.write_atomic(f"{self.shard}/{name}", png)
+        for extra, data in row["extras"].items():
+            # Member suffixes come from the source tar: percent-encoded, so one stays one path component.
+            extra_name = f"{stem}.{quote(extra, safe='._-')}"
+            self.target.write_atomic(f"{self.shard}/{extra_name}", data)
+            self.names["extras"][extra_name] = row["key"]
+        self.target.write_atomic(f"{self.shard}/{name}", png)  # last: an image on disk has its extras beside it
         self.names["files"][name] = row["key"]
 
     def commit(self) -> None:

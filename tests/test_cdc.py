@@ -304,14 +304,16 @@ def test_derive_rates_command_writes_new_weights_and_never_changes_the_source(tm
     assert path.read_bytes() == before
     weights = read_weights(tmp_path / "cdc-more.safetensors")
     assert weights.name == "cdc-more" and weights.config["rates"][-1] == "q8"
-    assert "python -m jobs.derive_rates" in weights.provenance
+    assert "diffpress derive-rates " in weights.provenance
     assert load_codec(str(tmp_path / "cdc-more.safetensors") + ":q8", device="cpu").rate_names[-1] == "q8"
-    with pytest.raises(SystemExit) as refused:  # onto the source: a one-line usage error
-        derive_rates.main([str(path), "q9=q6*3", "--name", "x", "--out", str(path)])
-    assert refused.value.code == 2 and "never changed in place" in capsys.readouterr().err
+    capsys.readouterr()
+    for refused, reason in [(["q9=q6*3", "--name", "x", "--out", str(path)], "never changed in place"),  # onto the source
+                            (["q9=q6+2", "--name", "x"], "is not NAME=RATE*K"),
+                            (["q3=q6*2", "--name", "x"], "have a name of its own")]:  # an existing rate name
+        assert derive_rates.main([str(path), *refused]) == 2
+        error = capsys.readouterr().err
+        assert reason in error and len(error.splitlines()) == 1, error
     assert path.read_bytes() == before
-    with pytest.raises(SystemExit):  # argparse: not NAME=RATE*K
-        derive_rates.main([str(path), "q9=q6+2", "--name", "x"])
 
 
 def test_paper_preset_runs_the_same_code_at_the_authors_sizes():

@@ -156,7 +156,7 @@ def test_cli_writes_every_output(cli_run):
         assert (out / name).stat().st_size > 0, name
     for name in ("rd_psnr.png", "rd_msssim.png", "rd_swd.png"):
         assert matplotlib.image.imread(out / name).shape[0] > 100
-    assert report["command"].startswith("python -m jobs.evaluate") and report["settings"]["threads"] == 1
+    assert report["command"].startswith("diffpress evaluate ") and report["settings"]["threads"] == 1
 
 
 def test_cli_report_contents(cli_run):

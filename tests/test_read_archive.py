@@ -4,6 +4,7 @@ settings an archive cannot take, lost manifests; Ray Data's reader and decoders.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +49,23 @@ def test_random_access_is_one_ranged_read_of_the_record(uqdm_archive, uqdm):
     fs.reads.clear()
     assert np.array_equal(archive.decode("b"), sources(UQDM_SHARDS)["u-000", "b"])  # lossless
     assert [n for path, n in fs.reads] == [row["length"]]
+
+
+def test_an_archive_is_a_read_only_mapping_from_key_to_image(uqdm_archive, cdc_archive, uqdm):
+    """len, in, [], iteration and get, as on a dict; a key in several shards is one key that [] refuses."""
+    archive = Archive(str(uqdm_archive), codec=uqdm)
+    assert isinstance(archive, Mapping) and len(archive) == 3 and list(archive) == ["a", "b", "c"]
+    assert "b" in archive and "zz" not in archive and archive.get("zz") is None
+    assert np.array_equal(archive["b"], sources(UQDM_SHARDS)["u-000", "b"])  # lossless
+    with pytest.raises(KeyError, match="no image with key 'zz'"):
+        archive["zz"]
+    with pytest.raises(TypeError):
+        archive["a"] = archive["a"]  # read-only
+    assert archive != Archive(str(uqdm_archive), codec=uqdm) and archive == archive  # never decodes to compare
+    cdc = Archive(str(cdc_archive))
+    assert len(cdc) == 4 and sorted(cdc) == ["dup", "p", "q", "r"]
+    with pytest.raises(ArchiveError, match="key 'dup' is in 2 shards"):
+        cdc["dup"]
 
 
 def test_prefix_reads_fetch_only_the_prefix_bytes(uqdm_archive, uqdm):

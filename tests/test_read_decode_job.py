@@ -47,7 +47,7 @@ def test_keys_used_as_file_paths_stay_inside_to_apart_and_reversible(archive, tm
     commit = json.loads((to / commit_path("hostile")).read_text())
     assert sorted(commit["files"].values()) == sorted(HOSTILE_KEYS) and commit["written"] == len(HOSTILE_KEYS)
     written = {p.name for p in (to / "hostile").iterdir()}
-    assert written == set(commit["files"]) and len(written) == len(HOSTILE_KEYS)
+    assert written == set(commit["files"]) | set(commit["extras"]) and len(commit["files"]) == len(HOSTILE_KEYS)
     reader = Archive(str(archive))
     for name, key in commit["files"].items():
         assert name == f"{safe_name(key)}.png" and "/" not in name and not name.startswith((".", "-"))
@@ -57,6 +57,24 @@ def test_keys_used_as_file_paths_stay_inside_to_apart_and_reversible(archive, tm
         image = png_pixels((to / "hostile" / name).read_bytes())
         assert np.array_equal(image, reader.decode(key, steps=0, shard="hostile"))
     assert (to / "plain" / "b.png").is_file() and (to / "hostile" / "b.png").is_file()  # "b" in two shards
+
+
+def test_png_output_writes_each_records_extras_beside_its_image(archive, tmp_path):
+    """--format png used to drop the labels: now <name>.cls and <name>.json sit beside <name>.png,
+    and a record with a `png` extra (a mask) keeps it, its image being <name>.decoded.png."""
+    to = tmp_path / "png"
+    summary = decode_archive(str(archive), str(to), steps=0, shards=["plain"], actors=1)
+    assert summary.images == 3 and not summary.errors
+    originals = {s["__key__"]: s for s in SHARDS["plain"]}
+    for key in ("b", "m0"):
+        assert (to / "plain" / f"{key}.cls").read_bytes() == originals[key]["cls"]
+        assert (to / "plain" / f"{key}.json").read_bytes() == originals[key]["json"]
+    assert (to / "plain" / "masked.png").read_bytes() == MASK
+    assert np.array_equal(png_pixels((to / "plain" / "masked.decoded.png").read_bytes()),
+                          Archive(str(archive)).decode("masked", steps=0, shard="plain"))
+    commit = json.loads((to / commit_path("plain")).read_text())
+    assert commit["files"] == {"b.png": "b", "masked.decoded.png": "masked", "m0.png": "m0"}
+    assert commit["extras"]["masked.png"] == "masked" and commit["extras"]["b.cls"] == "b"
 
 
 def test_keys_used_as_file_paths_wds_keeps_true_keys_of_any_length(archive, tmp_path):

@@ -16,6 +16,16 @@ coded or how it is sampled in model; anything that decides a symbol in exact_par
 layout in codec; optimisation in train.
 """
 
-from .codec import CDCCodec
+import warnings
+
+# compressai imports torch_geometric, whose import calls torch.jit.script, deprecated in the pinned
+# torch: a FutureWarning about code that is not ours, printed by every process that loads
+# CDC (each Ray actor, `--help`). Imported here first, under a filter for that message only, so
+# the networks' own `import compressai...` find it loaded and a user's own warnings still show.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    import compressai  # noqa: F401
+
+from .codec import CDCCodec  # noqa: E402
 
 __all__ = ["CDCCodec"]
