@@ -13,7 +13,8 @@ are exact (pinned by SHA-256); its pixels come from float decoders, so NAME.npz 
 UQDM streams use the seeded test model (its digest is pinned in uqdm-test.calibration.json):
 users import the authors' weights themselves.
 
-`python -m tests.golden_streams RELEASE` writes a release's folder (run once per release).
+`python -m tests.golden_streams RELEASE` writes a release's folder (run once per release; run
+again before the release, it adds the streams of newly added weights and keeps the others).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ SPEC = {
     "cdc-hp128-q0-48x80": ("cdc-hp128:q0", (100, 150, 48, 80)),
     "cdc-hp128-q4-64x64": ("cdc-hp128:q4", (200, 260, 64, 64)),
     "cdc-hp128-q7-33x70": ("cdc-hp128:q7", (330, 90, 33, 70)),
+    "cdc-hp128-ctx-q1-64x96": ("cdc-hp128-ctx:q1", (150, 200, 64, 96)),
+    "cdc-hp128-ctx-q6-40x50": ("cdc-hp128-ctx:q6", (260, 120, 40, 50)),
     "uqdm-test-64x100": ("uqdm-test", (120, 150, 64, 100)),
     "uqdm-test-1x1": ("uqdm-test", (50, 50, 1, 1)),
     "uqdm-test-20x30": ("uqdm-test", (300, 300, 20, 30)),
@@ -64,11 +67,16 @@ SPEC = {
 
 
 def write_release(release: str, spec: dict[str, tuple[str, tuple[int, int, int, int]]] = SPEC) -> Path:
+    """Write the release's streams; in an existing folder only the names it lacks (weights added
+    before the release): a stream once written is never rewritten."""
     folder = GOLDEN / release
-    folder.mkdir(parents=True, exist_ok=False)
+    folder.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    streams = {}
+    old = json.loads((folder / "index.json").read_text()) if (folder / "index.json").is_file() else None
+    streams = dict(old["streams"]) if old else {}
     for name, (codec_name, crop) in spec.items():
+        if name in streams:
+            continue
         codec = load_codec(codec_name, device="cpu")
         data = codec.compress(photo_crop(*crop))
         (folder / f"{name}.bin").write_bytes(data)
@@ -79,10 +87,12 @@ def write_release(release: str, spec: dict[str, tuple[str, tuple[int, int, int, 
             entry["symbols_sha256"] = sha256(symbols(codec, data).astype("<i4"))
             np.savez_compressed(folder / f"{name}.npz", **decoded)
         streams[name] = entry
-    index = {"written_with": f"diffpress {release} (commit {commit}, before the streams were added)",
-             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-             "streams": streams}
+    written = {"written_with": f"diffpress {release} (commit {commit}, before the streams were added)",
+               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+    index = {**(old or written), "streams": streams}
+    if old and streams.keys() != old["streams"].keys():
+        index.setdefault("added", []).append({**written, "names": sorted(streams.keys() - old["streams"].keys())})
     (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     return folder
 
