@@ -62,7 +62,9 @@ def streams(tmp_path_factory, weights_dir, uqdm, cdc) -> tuple[Path, dict]:
             "uqdm-b1.bin": (one_tile_groups, "uqdm-test", photo(64, 100)),      # the same, one tile a segment
             "cdc-q1.bin": (load_codec("cdc-hp128:q1", device="cpu"), "cdc-hp128:q1", photo(70, 130)),
             # q7: a derived rate point (q6's gains x 1.4), the largest z and y symbols shipped
-            "cdc-q7.bin": (load_codec("cdc-hp128:q7", device="cpu"), "cdc-hp128:q7", photo(70, 130, 300, 60))}
+            "cdc-q7.bin": (load_codec("cdc-hp128:q7", device="cpu"), "cdc-hp128:q7", photo(70, 130, 300, 60)),
+            # the context entropy model: its passes' tables come from exact integer nets too
+            "cdc-ctx-q2.bin": (load_codec("cdc-hp128-ctx:q2", device="cpu"), "cdc-hp128-ctx:q2", photo(70, 130, 200, 90))}
     expected = {}
     for stream, (codec, name, img) in spec.items():
         data = codec.compress(img)
