@@ -96,7 +96,10 @@ def test_stopped_halfway_then_rerun_gives_one_row_per_image(weights_dir, private
     command = [sys.executable, "-m", "jobs.compress_bucket", "--input", str(folder),
                "--output", str(output), "--codec", "uqdm-test", "--actors", "1", "--batch-size", "1"]
     env = job_env(weights_dir, private_ray_root)
-    first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Ctrl-C as in a terminal: a shell's background job (CI under `&`, nohup) starts with SIGINT
+    # ignored, which the child would inherit and Python would then never raise KeyboardInterrupt.
+    first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     started = time.monotonic()
     while not list((output / "manifest").glob("*.parquet")) and time.monotonic() < started + 240:
         assert first.poll() is None, first.stdout.read().decode()[-3000:]
