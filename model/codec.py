@@ -4,7 +4,15 @@
     data = codec.compress(img)                    # HxWx3 uint8 -> bytes
     img2 = codec.decompress(data, steps=None)     # -> HxWx3 uint8
 
-Subclasses implement the batched pair; the single-image calls are thin wrappers.
+    latents = codec.decode_latents(datas)         # the exact half: entropy decoding, integer nets
+    imgs = codec.synthesize(latents, steps=2)     # the float half, batched on codec.device
+
+Decoding is split in two so that the halves can run in different places: `decode_latents`
+is cheap, exact and needs no GPU (DataLoader workers, Ray tasks); `synthesize` runs the float
+networks batched across images on the codec's device (the training loop's GPU). Latents are
+small picklable dataclasses (numpy arrays and header fields) that cross process boundaries.
+`decompress_batch` is the two in a row. Subclasses implement compress_batch, decode_latents,
+synthesize_tensors and decompress_batch; the single-image calls are thin wrappers.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +29,29 @@ import torch
 from . import bitstream
 from .bitstream import BitstreamError, Header
 from .registry import Weights, describe_weights
+
+
+@dataclass(frozen=True)
+class Latents:
+    """The exact half of one stream's decode: what `synthesize` turns into pixels.
+
+    Every field is decided exactly (the same on every machine); subclasses add numpy arrays.
+    `weights_digest` is the stream's (bitstream.DIGEST_BYTES bytes): synthesize refuses latents
+    of other weights.
+    """
+
+    family: str
+    weights_digest: bytes
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class DecodedPixels(Latents):
+    """Latents of a codec whose exact half decodes everything (UQDM: exact integers to the last
+    pixel): the image itself, which synthesize only hands on."""
+
+    pixels: np.ndarray  # HxWx3 uint8
 
 
 class Codec(ABC):
@@ -59,7 +91,37 @@ class Codec(ABC):
     @abstractmethod
     def decompress_batch(self, datas: Sequence[bytes], steps: int | None = None,
                          **options) -> list[np.ndarray]:
-        """Decode bitstreams; `steps` is the number of diffusion steps to spend."""
+        """Decode bitstreams; `steps` is the number of diffusion steps to spend.
+        Always synthesize(decode_latents(datas, ...), steps, ...)."""
+
+    @abstractmethod
+    def decode_latents(self, datas: Sequence[bytes], **options) -> list[Latents]:
+        """The exact half of decoding (entropy decoding, integer networks): cheap, the same on
+        every machine. Raises BitstreamError for a stream that does not decode."""
+
+    @abstractmethod
+    def synthesize_tensors(self, latents: Sequence[Latents], steps: int | None = None,
+                           **options) -> list[torch.Tensor]:
+        """The float half, batched across images on self.device: 3xHxW uint8 tensors there."""
+
+    def synthesize(self, latents: Sequence[Latents], steps: int | None = None, **options) -> list[np.ndarray]:
+        """synthesize_tensors as HxWx3 uint8 arrays."""
+        return [np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+                for image in self.synthesize_tensors(latents, steps, **options)]
+
+    def check_latents(self, latents: Sequence[Latents], kind: type[Latents]) -> None:
+        """Refuse latents that another codec or other weights decoded."""
+        digest = self.weights_digest[:bitstream.DIGEST_BYTES]
+        for item in latents:
+            if not isinstance(item, kind) or item.family != self.family or item.weights_digest != digest:
+                raise ValueError(f"latents of a {getattr(item, 'family', type(item).__name__)!r} stream with weights "
+                                 f"{getattr(item, 'weights_digest', b'').hex()} cannot be synthesized by {self.name!r} "
+                                 f"(weights {digest.hex()})")
+
+    def latents_header(self, header: Header) -> dict:
+        """The Latents fields every codec takes from a stream's header."""
+        return {"family": self.family, "weights_digest": header.weights_digest, "height": header.height,
+                "width": header.width}
 
     def read_header(self, data: bytes) -> Header:
         """Parse a stream's header and check that these weights can decode it."""

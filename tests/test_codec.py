@@ -18,6 +18,12 @@ class NullCodec(Codec):
     def decompress_batch(self, datas, steps=None, **options):
         return []
 
+    def decode_latents(self, datas, **options):
+        return []
+
+    def synthesize_tensors(self, latents, steps=None, **options):
+        return []
+
 
 def settings() -> tuple:
     return (torch.get_num_threads(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,

@@ -13,9 +13,10 @@ import matplotlib.cbook
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from model.codec import Codec
+from model.codec import Codec, DecodedPixels
 from model.evaluation import Settings, bd_rate, bits_at_equal_quality, image_set, measure, progressive_curves
 from model.paths import REPO
 from model.registry import Weights
@@ -107,15 +108,22 @@ class ToyProgressive(Codec):
         return out
 
     def decompress_batch(self, datas, steps=None, chunks=None):
-        images = []
+        return self.synthesize(self.decode_latents(datas, chunks))
+
+    def decode_latents(self, datas, chunks=None):
+        latents = []
         for data in datas:
             header, parts = self.unpack(data, chunks)
             img = np.zeros((header.height, header.width, 3), np.uint8)
             for i, part in enumerate(parts):
                 bits = np.frombuffer(zlib.decompress(part), np.uint8).reshape(img.shape)
                 img |= bits << (6 - 2 * i)
-            images.append(img | (1 << (7 - 2 * len(parts))) if len(parts) < self.n_chunks else img)
-        return images
+            pixels = img | (1 << (7 - 2 * len(parts))) if len(parts) < self.n_chunks else img
+            latents.append(DecodedPixels(**self.latents_header(header), pixels=pixels))
+        return latents
+
+    def synthesize_tensors(self, latents, steps=None):
+        return [torch.from_numpy(item.pixels).permute(2, 0, 1) for item in latents]
 
 
 def test_progressive_curves_use_prefixes_and_end_lossless():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from .. import entropy, exact
 from ..bitstream import BitstreamError, Header, read_varint, varint
-from ..codec import Codec
+from ..codec import Codec, Latents
 from ..images import as_rgb8
 from ..registry import Weights
 from .exact_parts import CodePass, ExactContext, ExactHyperDecoder
@@ -45,8 +46,20 @@ TRAINING_ONLY = ("h_s.", "z_density.")
 
 MAX_STEPS = 1000
 DEFAULT_SEED = 0
+#: padded pixels per network call when encoding or synthesizing a batch (bounds memory: ~24
+#: 768x512 photos; the content decoder's activations take ~0.2 KB a pixel in float32)
+BATCH_PIXELS = 1 << 23
 _CRC = struct.Struct(">I")
 _PARAMS = struct.Struct(">B")  # rate point
+
+
+@dataclass(frozen=True)
+class CDCLatents(Latents):
+    """One CDC stream's exact half: y-hat (M x H/16 x W/16 float32, from exact integers) and its
+    rate point; 4 bytes per element, 3 bytes per padded pixel (the size of the uint8 image)."""
+
+    rate: int
+    y_hat: np.ndarray
 
 
 class CDCCodec(Codec):
@@ -83,10 +96,13 @@ class CDCCodec(Codec):
 
     # ----- encoding ------------------------------------------------------------------------
     def compress_batch(self, imgs: Sequence[np.ndarray]) -> list[bytes]:
+        """Encode images: the float analysis runs batched over images of one padded shape, the
+        exact part and the entropy coding per image (streams as if encoded one at a time)."""
+        imgs = [as_rgb8(img) for img in imgs]
         out = []
         with self.float_numerics():
-            for img in map(as_rgb8, imgs):
-                z, k, y_parts = self._encode(img)
+            for img, analysed in zip(imgs, self._analysis(imgs)):
+                z, k, y_parts = self._exact_symbols(*analysed)
                 z_chunk = _symbols_chunk(z, [(z, _channel_groups(z))], self.hyper.z_tables)
                 y_chunk = _symbols_chunk(k, y_parts, self.hyper.y_tables)
                 shortfall = _minimum_payload(*img.shape[:2]) - len(z_chunk) - len(y_chunk)
@@ -98,14 +114,29 @@ class CDCCodec(Codec):
 
     def encode_symbols(self, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The integer (z, y) symbols a stream of `img` carries, already within the tables' range."""
-        z, k, _ = self._encode(img)
+        z, k, _ = self._exact_symbols(*self._analysis([as_rgb8(img)])[0])
         return z, k
 
-    def _encode(self, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """(z, k, the y chunk's parts as (symbols, table levels) in coding order)."""
+    def _analysis(self, imgs: Sequence[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The float analysis (g_a, the rate's gains, h_a) of each image: (y, h_a(y)), each with a
+        batch dimension of 1. Images of one padded shape go through the networks together, at
+        most BATCH_PIXELS padded pixels a call."""
         rate = torch.tensor([self.rate], device=self.device)
-        y = self.model.g_a(self._to_padded_tensor(as_rgb8(img))).double() * self.model.gains(rate)[0].double()
-        z = torch.round(self.model.h_a(y.float()).double())
+        gain = self.model.gains(rate)[0].double()
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(imgs)
+        for group in _buckets([_padded(*img.shape[:2]) for img in imgs]):
+            x = torch.cat([self._to_padded_tensor(imgs[i]) for i in group])
+            y = self.model.g_a(x).double() * gain
+            hyper = self.model.h_a(y.float()).double()
+            for j, i in enumerate(group):
+                out[i] = y[j:j + 1], hyper[j:j + 1]
+        return out
+
+    def _exact_symbols(self, y: torch.Tensor, hyper: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(z, k, the y chunk's parts as (symbols, table levels) in coding order) from one image's
+        analysis: rounding, the exact hyper-synthesis (and context passes), clamping."""
+        z = torch.round(hyper)
         z = torch.maximum(torch.minimum(z, self._z_limit(z)), -self._z_limit(z))
         widths, parts = self.hyper.y_widths.to(self.device), []
 
@@ -131,26 +162,61 @@ class CDCCodec(Codec):
     # ----- decoding ------------------------------------------------------------------------
     def decompress_batch(self, datas: Sequence[bytes], steps: int | None = None, stochastic: bool = False,
                          seed: int | None = DEFAULT_SEED) -> list[np.ndarray]:
-        """Decode streams: `steps` = 0 gives the mean image; > 0, that many DDIM steps.
+        """Decode streams: `steps` = 0 gives the mean image; > 0, that many DDIM steps (see synthesize)."""
+        self._check_steps(steps)
+        return self.synthesize(self.decode_latents(datas), steps, stochastic=stochastic, seed=seed)
+
+    def decode_latents(self, datas: Sequence[bytes]) -> list[CDCLatents]:
+        """Entropy decoding and the exact hyper-synthesis: y-hat of each stream, exact everywhere."""
+        latents = []
+        with torch.inference_mode():
+            for data in datas:
+                header, rate, y_hat = self._decode_latents(data)
+                # float32 is what the content decoder takes: the correctly rounded y-hat, the same everywhere
+                latents.append(CDCLatents(**self.latents_header(header), rate=rate,
+                                          y_hat=y_hat[0].float().cpu().numpy()))
+        return latents
+
+    def synthesize_tensors(self, latents: Sequence[CDCLatents], steps: int | None = None, stochastic: bool = False,
+                           seed: int | None = DEFAULT_SEED, autocast: torch.dtype | None = None,
+                           channels_last: bool = False) -> list[torch.Tensor]:
+        """The content decoder and, for steps > 0, DDIM steps, batched over latents of one padded
+        shape (at most BATCH_PIXELS padded pixels a call) on self.device: 3xHxW uint8 tensors.
 
         Deterministic decoding (eta = 0) starts from noise drawn with `seed`; `stochastic=True`
         uses eta = 1 with fresh noise at every step: the texture changes with the seed, and
         `seed=None` draws a new one each call. Noise comes from an integer generator, the
-        same on every machine.
+        same on every machine, drawn per image: an image gets the same noise alone or in a batch.
+        `autocast` (torch.bfloat16 / torch.float16) runs the content decoder in that precision
+        and `channels_last` changes the memory layout: both trade bit-exactness for speed, off by
+        default (tests.test_decode_split gives their measured pixel bounds).
         """
-        steps = self.default_steps if steps is None else steps
-        if not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps must be an integer in 0..{MAX_STEPS}, got {steps!r}")
+        steps = self._check_steps(steps)
+        self.check_latents(latents, CDCLatents)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (1 << 32))
-        images = []
+        images: list[torch.Tensor | None] = [None] * len(latents)
         with self.float_numerics():
-            for data in datas:
-                header, rate, y_hat = self._decode_latents(data)
-                x_mean, features = self.model.decode_content(y_hat.float(), torch.tensor([rate], device=self.device))
+            for group in _buckets([_padded(item.height, item.width) for item in latents]):
+                y_hat = torch.from_numpy(np.stack([latents[i].y_hat for i in group])).to(self.device)
+                if channels_last:
+                    y_hat = y_hat.contiguous(memory_format=torch.channels_last)
+                rates = torch.tensor([latents[i].rate for i in group], device=self.device)
+                # autocast only where it was measured within PIXEL_BOUND: the content decoder (1 level
+                # in bf16 on a CPU); the UNet's steps in bf16 moved pixels by 6 levels
+                with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+                    x_mean, features = self.model.decode_content(y_hat, rates)
+                x_mean, features = x_mean.float(), [f.float() for f in features]
                 x = x_mean if steps == 0 else self._sample(x_mean, features, steps, stochastic, seed)
-                images.append(_to_uint8(x[0, :, :header.height, :header.width]))
+                for j, i in enumerate(group):
+                    images[i] = _to_uint8(x[j, :, :latents[i].height, :latents[i].width])
         return images
+
+    def _check_steps(self, steps: int | None) -> int:
+        steps = self.default_steps if steps is None else steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be an integer in 0..{MAX_STEPS}, got {steps!r}")
+        return steps
 
     def decode_symbols(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
         """The (z, y) integer symbols stored in a stream."""
@@ -198,7 +264,9 @@ class CDCCodec(Codec):
         draws = iter(range(1, 1 << 20))
 
         def noise(size) -> torch.Tensor:
-            values = exact.normal_noise(seed, next(draws), int(np.prod(size))) * exact.NOISE_SCALE
+            # every image of the batch draws the noise it would draw alone
+            draw, count = next(draws), int(np.prod(size[1:]))
+            values = np.stack([exact.normal_noise(seed, draw, count) for _ in range(size[0])]) * exact.NOISE_SCALE
             return torch.from_numpy(values.astype(np.float32)).reshape(size).to(self.device)
 
         return self.model.sample(x_mean, features, noise(shape), steps, eta=1.0 if stochastic else 0.0,
@@ -272,6 +340,20 @@ def _check_work(header: Header, chunks: list[bytes]) -> None:
                              f"payload bytes can describe (at least {needed}): corrupt or hostile")
 
 
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    pixels = ((x.float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())
+def _buckets(padded: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Indices of images of one padded shape, in groups of at most BATCH_PIXELS padded pixels.
+    Images of one shape run through the networks together exactly as each would alone (tested);
+    padding them to a common shape would not (their borders would see other images' padding)."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, shape in enumerate(padded):
+        by_shape.setdefault(shape, []).append(i)
+    groups = []
+    for (height, width), members in by_shape.items():
+        size = max(1, BATCH_PIXELS // (height * width))
+        groups += [members[start:start + size] for start in range(0, len(members), size)]
+    return groups
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8, on x's device (two correctly rounded ops: the same on CPU and GPU)."""
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)

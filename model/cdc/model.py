@@ -146,7 +146,9 @@ class CDCModel(nn.Module):
         x0 = x_mean
         for t_now, t_next in zip(times[:-1], times[1:]):
             a_now, a_next = alpha_bar(t_now).item(), alpha_bar(t_next).item()
-            x0 = self.unet(x, t_now.float().expand(x.shape[0]).to(x.device), x_mean, features).clamp(-1, 1)
+            # one time row for the whole batch, broadcast: each image then runs the time MLPs exactly
+            # as it would alone (a batch of B equal rows takes another matmul kernel, other rounding)
+            x0 = self.unet(x, t_now.float().reshape(1).to(x.device), x_mean, features).clamp(-1, 1)
             if t_next == 0:
                 break
             eps = (x - math.sqrt(a_now) * x0) / math.sqrt(1 - a_now)

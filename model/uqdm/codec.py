@@ -39,7 +39,7 @@ import torch
 
 from .. import entropy, exact
 from ..bitstream import BitstreamError
-from ..codec import Codec
+from ..codec import Codec, DecodedPixels
 from ..images import as_rgb8
 from ..registry import Weights
 from .int_net import Z_EXPONENT, IntScoreNet
@@ -142,12 +142,25 @@ class UQDMCodec(Codec):
 
         A stream cut after the n-th chunk decodes with chunks <= n.
         """
+        self._refuse_steps(steps)
+        return self.synthesize(self.decode_latents(datas, chunks))
+
+    def decode_latents(self, datas: Sequence[bytes], chunks: int | None = None) -> list[DecodedPixels]:
+        """UQDM is exact to the last pixel, so its exact half is the whole decode (on self.device)."""
+        return [self._decode(data, chunks) for data in datas]
+
+    def synthesize_tensors(self, latents: Sequence[DecodedPixels], steps: int | None = None) -> list[torch.Tensor]:
+        """The decoded pixels as 3xHxW tensors on self.device: nothing is left to synthesize."""
+        self._refuse_steps(steps)
+        self.check_latents(latents, DecodedPixels)
+        return [torch.from_numpy(item.pixels).permute(2, 0, 1).to(self.device) for item in latents]
+
+    def _refuse_steps(self, steps: int | None) -> None:
         if steps is not None:
             raise ValueError("UQDM spends one diffusion step per chunk: choose the prefix with chunks=N "
                              f"(1..{self.n_steps} steps, {self.n_chunks} = lossless), not steps")
-        return [self._decode(data, chunks) for data in datas]
 
-    def _decode(self, data: bytes, n_chunks: int | None) -> np.ndarray:
+    def _decode(self, data: bytes, n_chunks: int | None) -> DecodedPixels:
         header, chunks = self.unpack(data, n_chunks)
         if len(header.chunk_lengths) != self.n_chunks:
             raise BitstreamError(f"UQDM stream has {len(header.chunk_lengths)} chunks; this model writes {self.n_chunks}")
@@ -171,7 +184,7 @@ class UQDMCodec(Codec):
                     z = _next_latent(p_loc, k, dither * (1.0 / U_UNIT), step)
                 lossless = segments[-1][g] if len(chunks) == self.n_chunks else None
                 out[first:last] = self._reconstruct(z, m, len(chunks), lossless).cpu().numpy()
-        return _untile(out, height, width)
+        return DecodedPixels(**self.latents_header(header), pixels=_untile(out, height, width))
 
     def _reconstruct(self, z: torch.Tensor, m: torch.Tensor, n_chunks: int,
                      lossless: bytes | None) -> torch.Tensor:
