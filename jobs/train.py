@@ -26,7 +26,9 @@ from pathlib import Path
 from jobs import cli
 from jobs._cli import UsageError, positive_int, usage_errors
 from model.cdc.config import PRESETS, STAGES, TrainConfig
-from model.cdc.train import export, fit, train
+from model.cdc.model import CDCModel
+from model.cdc.train import export, fit, start_from_weights, train
+from model.registry import read_weights, resolve
 
 HELP = "train CDC weights (one stage), on Ray Train or in-process"
 _PATHS = ("init_from", "data", "run_dir", "export")
@@ -44,7 +46,8 @@ FIELD_HELP = {
     "warmup": "steps of linear learning-rate warm-up (default: %(default)s)",
     "decay_from": "fraction of the steps after which the rate decays (cosine) to lr/10 (default: %(default)s)",
     "diffusion_weight": "joint stage: weight of the diffusion loss (default: %(default)s)",
-    "init_from": "a checkpoint folder to start this stage from (e.g. the content stage's)",
+    "init_from": "start from a checkpoint folder (e.g. the content stage's) or from shipped weights (a name "
+                 "or file; more --lambdas than they have add rate points)",
     "data": "folder of training photos (default: %(default)s, the team's shared photos)",
     "scales": "each photo is sampled at these scales (default: %(default)s)",
     "export": "weights file to write at the end (default: model/weights/NAME.safetensors)",
@@ -87,18 +90,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values["run_dir"] = values.get("run_dir") or str(Path("runs") / args.name / args.stage)
-    values.update({k: str(Path(values[k]).resolve()) for k in _PATHS if values.get(k)})
+    values.update({k: str(Path(values[k]).resolve()) for k in _PATHS
+                   if values.get(k) and (k != "init_from" or Path(values[k]).exists())})
     values["scales"] = tuple(values["scales"])
     if not Path(values["data"]).is_dir():  # checked here, not by the first worker that samples a crop
         raise UsageError(f"no training photos at {values['data']}: give --data FOLDER (of images), or set "
                          "DIFFPRESS_SHARED to the team's shared folder")
-    if values.get("init_from") and not Path(values["init_from"]).is_dir():
-        raise UsageError(f"--init-from {values['init_from']}: no such checkpoint folder")
+    if values.get("init_from") and not Path(values["init_from"], "model.safetensors").is_file():
+        with usage_errors(FileNotFoundError, ValueError):
+            resolve(values["init_from"])  # shipped weights, or say what was searched
     model = PRESETS[args.preset]
     if args.lambdas:
         model = dataclasses.replace(model, lambdas=tuple(args.lambdas))
     with usage_errors(ValueError):
         config = TrainConfig(**values, model=model, provenance="diffpress " + shlex.join(args.argv))
+        if config.init_from and not Path(config.init_from, "model.safetensors").is_file():
+            start_from_weights(CDCModel(config.model), read_weights(resolve(config.init_from)))  # fits, before Ray
     if args.in_process:
         model, curve = train(config)
         export(model, curve, config)

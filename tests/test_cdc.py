@@ -393,6 +393,38 @@ def test_training_smoke_loss_falls_resume_continues_and_the_export_loads(tmp_pat
     assert weights.config["model"] == TINY.to_dict() and weights.provenance == "tests/test_cdc.py"
 
 
+def test_training_from_shipped_weights_keeps_their_networks_and_adds_rate_points(tmp_path, training_photos):
+    """init_from=<weights>: the float networks as shipped, h_s back from its exact integers (which
+    re-export to the very same integers), the trained rate points' gains untouched, a new point's
+    gains extrapolated (finer steps at a higher lambda); training runs on from there."""
+    import dataclasses
+
+    from model.cdc.exact_parts import export_chain
+    from model.cdc.model import CDCModel
+    from model.cdc.train import start_from_weights, train
+
+    weights = read_weights(resolve(NAME))
+    base = CDCConfig.from_dict(weights.config["model"])
+    config = dataclasses.replace(base, lambdas=base.lambdas + (0.0932,), derived_rates=())
+    model = CDCModel(config)
+    start_from_weights(model, weights)
+    shipped = {k: v for k, v in weights.tensors.items() if not k.startswith("exact.") and "gain" not in k}
+    assert all(torch.equal(model.state_dict()[k].half(), v) for k, v in shipped.items())
+    with torch.no_grad():
+        again = export_chain(list(model.h_s.layers), ("up", "up", "same"), torch.zeros(1, base.n, 2, 2).double(), "hs")
+    for i in range(3):
+        assert torch.equal(again[f"hs.{i}.weight"], weights.tensors[f"exact.hs.{i}.weight"])
+    trained = len(base.lambdas)
+    np.testing.assert_array_equal(model.log_gain_enc[:trained].detach().half(), weights.tensors["log_gain_enc"])
+    assert bool((model.log_gain_enc[trained] > model.log_gain_enc[trained - 1]).all())  # finer quantization
+    with pytest.raises(ValueError, match="lambdas must start with"):
+        start_from_weights(CDCModel(dataclasses.replace(config, lambdas=(0.001,) + base.lambdas)), weights)
+
+    run = tiny_config(tmp_path, training_photos, model=config, steps=2, batch_size=1, log_every=1, init_from=NAME)
+    _, curve = train(run)
+    assert [row["step"] for row in curve] == [1, 2] and all(np.isfinite(row["loss"]) for row in curve)
+
+
 def test_training_refuses_the_evaluation_photos(tmp_path):
     from model.cdc.train import CropSampler
 

@@ -4,6 +4,9 @@ export to a registry weights file, and the Ray Train driver (`python -m jobs.tra
 Stages (TrainConfig.stage): `content` (rate + MSE of the content path's mean image, every
 rate point at once), `diffusion` (the UNet on the frozen content path), `joint`. Each stage
 runs in its own run dir; the next starts from the previous one's checkpoint (`init_from`).
+`init_from` may also name shipped weights (a registry name or a weights file): training then
+continues from their networks, with more rate points if the config has more lambdas
+(`start_from_weights`).
 
 State lives in <run_dir>/checkpoint (model and optimizer as safetensors; step, curve and
 the random generators' states as JSON), replaced atomically every `checkpoint_every`
@@ -30,10 +33,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..metrics import psnr_from_mse
-from ..registry import SHIPPED_DIR, Weights, save_weights
+from ..registry import SHIPPED_DIR, Weights, read_weights, resolve, save_weights
 from .codec import TRAINING_ONLY
 from .config import CDCConfig, TrainConfig
-from .exact_parts import export_exact
+from .exact_parts import HYPER_GEOMETRY, export_exact
 from .model import CDCModel
 
 log = logging.getLogger(__name__)
@@ -115,7 +118,9 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None,
     checkpoint = Path(cfg.run_dir) / "checkpoint"
     resuming = (checkpoint / "state.json").is_file()
     state = {"step": 0, "total": cfg.steps, "stage": cfg.stage, "curve": [], "elapsed_s": 0.0}
-    if not resuming and cfg.init_from:
+    if not resuming and cfg.init_from and not Path(cfg.init_from, "model.safetensors").is_file():
+        start_from_weights(model, read_weights(resolve(cfg.init_from)))
+    elif not resuming and cfg.init_from:
         load_model_state(model, Path(cfg.init_from))
         previous = Path(cfg.init_from) / "state.json"
         if previous.is_file():
@@ -172,6 +177,50 @@ def load_model_state(model: CDCModel, source: Path) -> None:
     """Weights from a checkpoint folder (any stage) into `model`, strictly."""
     tensors = load_file(str(source / "model.safetensors"))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+
+
+def start_from_weights(model: CDCModel, weights: Weights) -> None:
+    """Shipped weights into `model`, to train on from them.
+
+    A weights file keeps float16 copies of the networks, but not the float hyper-synthesis or the
+    z density (only their exact integer exports): h_s comes back from its integer weights and
+    per-channel scales (within float16-like precision), the z density starts afresh (it is a
+    few parameters per channel and relearns in a few hundred steps). A config with more lambdas
+    than the weights were trained at gets the new rate points' gains extrapolated: quantization
+    steps scale as 1/sqrt(lambda), so the log-gains move by half the log of the lambda ratio.
+    """
+    source = CDCConfig.from_dict(weights.config["model"])
+    cfg = model.config
+    if (source.n, source.m, source.unet_widths) != (cfg.n, cfg.m, cfg.unet_widths):
+        raise ValueError(f"weights {weights.name!r} have n={source.n}, m={source.m}, unet {source.unet_widths}; "
+                         f"this config has n={cfg.n}, m={cfg.m}, unet {cfg.unet_widths}")
+    if tuple(cfg.lambdas[:len(source.lambdas)]) != tuple(source.lambdas):
+        raise ValueError(f"the lambdas must start with those of {weights.name!r} {list(source.lambdas)}, "
+                         f"got {list(cfg.lambdas)}")
+    state = {k: v.float() for k, v in weights.tensors.items() if not k.startswith("exact.")}
+    state.update(_hyper_synthesis_floats(weights.tensors))
+    extra = torch.log(torch.tensor(cfg.lambdas[len(source.lambdas):]) / source.lambdas[-1])[:, None] / 2
+    for name, sign in (("log_gain_enc", 1.0), ("log_gain_dec", -1.0)):
+        state[name] = torch.cat([state[name], state[name][-1:] + sign * extra])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("z_density.") for k in missing):
+        raise ValueError(f"weights {weights.name!r} do not fit this CDC model: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    log.info("starting from %s: h_s from its exact integers, a fresh z density, %d new rate point(s)",
+             weights.name, len(cfg.lambdas) - len(source.lambdas))
+
+
+def _hyper_synthesis_floats(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """h_s's float parameters from export_exact's integer weights times their output-channel scales."""
+    out, i = {}, 0
+    while f"exact.hs.{i}.weight" in tensors:
+        q, scale = tensors[f"exact.hs.{i}.weight"].double(), tensors[f"exact.hs.{i}.scale"]
+        transposed = HYPER_GEOMETRY[i] == "up"  # ConvTranspose: in x out x k x k, scales per output (dim 1)
+        shape = (1, -1, 1, 1) if transposed else (-1, 1, 1, 1)
+        out[f"h_s.layers.{i}.weight"] = (q * scale.reshape(shape)).float()
+        out[f"h_s.layers.{i}.bias"] = tensors[f"exact.hs.{i}.bias"].float()
+        i += 1
+    return out
 
 
 def save_checkpoint(folder: Path, model: CDCModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
