@@ -39,15 +39,33 @@ def test_integer_convolutions_give_the_exact_integers_at_the_bounds(stride, padd
         assert torch.equal(found.long(), expected) and torch.equal(found, found.round())
 
 
-def test_transposed_convolution_is_exact_and_matches_torchs_definition():
+def integer_conv_transpose(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                           output_padding: int) -> torch.Tensor:
+    """The definition in int64: each input pixel scatters weight x value into the output."""
+    b, _, h, w = x.shape
+    _, c_out, k, _ = weight.shape
+    full = torch.zeros(b, c_out, (h - 1) * stride + k + output_padding, (w - 1) * stride + k + output_padding,
+                       dtype=torch.long)
+    for i in range(h):
+        for j in range(w):
+            full[:, :, i * stride:i * stride + k, j * stride:j * stride + k] += torch.einsum(
+                "bc,cokl->bokl", x[:, :, i, j].long(), weight.long())
+    h_out, w_out = (h - 1) * stride - 2 * padding + k + output_padding, (w - 1) * stride - 2 * padding + k + output_padding
+    return full[:, :, padding:padding + h_out, padding:padding + w_out]
+
+
+def test_transposed_convolutions_give_the_exact_integers_at_the_bounds():
     generator = torch.Generator().manual_seed(1)
-    x = torch.randint(-1000, 1000, (1, 6, 5, 4), generator=generator).double()
-    weight = torch.randint(-exact.INT16, exact.INT16 + 1, (6, 3, 5, 5), generator=generator).double()
+    # int16 activations and weights over 192 x 5 x 5 terms, as in h_s: bounded by 2^42, here past
+    # 2^34 (float32 or int32 accumulators would round or wrap)
+    x = torch.randint(-exact.INT16, exact.INT16 + 1, (2, 192, 5, 4), generator=generator).double()
+    weight = torch.randint(-exact.INT16, exact.INT16 + 1, (192, 3, 5, 5), generator=generator).double()
     bias = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
-    found = exact.conv_transpose2d(x, weight, bias, stride=2, padding=2, output_padding=1)
-    expected = F.conv_transpose2d(x, weight, bias, stride=2, padding=2, output_padding=1)
-    assert found.shape == (1, 3, 10, 8)
-    assert torch.equal(found, expected)  # integers below 2^53: float64 is exact in any order
+    expected = integer_conv_transpose(x, weight, 2, 2, 1) + bias.long()[None, :, None, None]
+    assert expected.shape == (2, 3, 10, 8) and expected.abs().max() > 2 ** 34
+    for conv in (exact.conv_transpose2d, exact.zero_inserted_conv_transpose2d):
+        found = conv(x, weight, bias, stride=2, padding=2, output_padding=1)
+        assert torch.equal(found.long(), expected) and torch.equal(found, found.round())
 
 
 def test_requantize_rounds_half_to_even_and_clamps():

@@ -13,8 +13,8 @@ compression with latent-variable models" (2019):
   stated) with a power-of-two scale 2^-e per tensor. Every product and every partial sum
   of a convolution or matmul is then an integer below 2^53, which float64 represents
   exactly: any summation order, kernel, thread count, batch size or device gives the same
-  bits. Convolutions are im2col matmuls (Winograd and FFT algorithms are inexact even on
-  integers; float64 has no TF32/bf16 shortcut).
+  bits. Convolutions are GEMMs that only add exact products (im2col, col2im), never
+  Winograd or FFT algorithms (inexact even on integers); float64 has no TF32/bf16 shortcut.
 - Between integer stages only correctly rounded IEEE operations (+, -, *, /, sqrt) on
   tensors, in a fixed order, then round-half-even: identical on every IEEE-754 machine.
   Never a division by a Python number (CUDA turns it into a multiplication by the
@@ -36,9 +36,9 @@ Tests: tests/test_exact.py.
 
 from .coding import PRECISION, exp_fixed, frequency_rows, sigmoid_fixed
 from .layers import (INT16, conv2d, conv_transpose2d, group_norm, im2col_conv2d, quantize_weight, requantize,
-                     sigmoid_lookup, silu, softplus_lookup)
+                     sigmoid_lookup, silu, softplus_lookup, zero_inserted_conv_transpose2d)
 from .noise import NOISE_SCALE, dither, normal_noise, random_bits
 
 __all__ = ["INT16", "NOISE_SCALE", "PRECISION", "conv2d", "conv_transpose2d", "dither", "exp_fixed",
            "frequency_rows", "group_norm", "im2col_conv2d", "normal_noise", "quantize_weight", "random_bits", "requantize",
-           "sigmoid_fixed", "sigmoid_lookup", "silu", "softplus_lookup"]
+           "sigmoid_fixed", "sigmoid_lookup", "silu", "softplus_lookup", "zero_inserted_conv_transpose2d"]

@@ -51,10 +51,24 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
                      padding: int, output_padding: int) -> torch.Tensor:
-    """Integer transposed convolution (weight as nn.ConvTranspose2d: C_in, C_out, k, k).
+    """Integer transposed convolution (weight as nn.ConvTranspose2d: C_in, C_out, k, k), exact as `conv2d`.
 
-    Zero insertion, then an ordinary convolution with the flipped kernel: exact as `conv2d`.
+    On a CPU PyTorch's own float64 transposed convolution: a GEMM then col2im, which only adds
+    exact integer products, twice as fast as the zero-inserted form at stride 2 (measured on
+    h_s: it skips the products with inserted zeros). Elsewhere (cuDNN may pick FFT or
+    Winograd) `zero_inserted_conv_transpose2d`.
     """
+    if x.device.type != "cpu":
+        return zero_inserted_conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+    acc = F.conv_transpose2d(x, weight, stride=stride, padding=padding, output_padding=output_padding)
+    if bias is not None:
+        acc = acc + (bias[:, :, None, None] if bias.dim() == 2 else bias[None, :, None, None])
+    return acc
+
+
+def zero_inserted_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                                   padding: int, output_padding: int) -> torch.Tensor:
+    """`conv_transpose2d` as zero insertion, then `im2col_conv2d` with the flipped kernel."""
     b, c, h, w = x.shape
     k = weight.shape[-1]
     dilated = x.new_zeros(b, c, (h - 1) * stride + 1, (w - 1) * stride + 1)
@@ -62,7 +76,7 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     pad = k - 1 - padding
     dilated = F.pad(dilated, (pad, pad + output_padding, pad, pad + output_padding))
     flipped = weight.flip(-1, -2).transpose(0, 1)
-    return conv2d(dilated, flipped.contiguous(), bias)
+    return im2col_conv2d(dilated, flipped.contiguous(), bias)
 
 
 def requantize(acc: torch.Tensor, multiplier: torch.Tensor | float, bound: int = INT16) -> torch.Tensor:
