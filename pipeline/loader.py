@@ -4,11 +4,12 @@
     loader = DataLoader(dataset, batch_size=32, num_workers=4, collate_fn=collate_samples)
     for epoch in range(10):
         dataset.set_epoch(epoch)       # before iterating: a new order (persistent workers see it too)
-        for batch in loader: ...       # batch["image"]: Bx H x W x 3 uint8, batch["__key__"], batch["extras"]
+        for batch in loader: ...       # batch["image"]: B x H x W x 3 uint8, batch["__key__"], batch["extras"]
 
-Each sample is {"__key__", "__shard__", "image" (HxWx3 uint8 tensor), "extras" (name -> bytes:
-the key's .cls, .txt, .json, ... as in the original dataset)}. Extras sit in their own dict so
-no extra can overwrite the image or the key, whatever it is called.
+Each sample is {"__key__", "__shard__", "image", "extras" (name -> bytes: the key's .cls, .txt,
+.json, ... as in the original dataset)}. Extras sit in their own dict so no extra can overwrite
+the image or the key, whatever it is called. The image is an H x W x 3 uint8 tensor, or with
+`layout="CHW"` 3 x H x W (torchvision's convention), and with a float `dtype` scaled to [0, 1].
 
 How an epoch is cut: the shards (in name order, or permuted by (seed, epoch) when shuffling:
 the same permutation on every rank) are laid end to end, and each rank takes one contiguous
@@ -47,6 +48,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .archive import Archive
 
 EQUAL_LENGTHS = (None, "pad", "drop")
+LAYOUTS = ("HWC", "CHW")
 Piece = tuple[str, Sequence[int]]  # a shard and row numbers in its manifest
 
 
@@ -55,14 +57,17 @@ class ArchiveDataset(IterableDataset):
                  shards: Iterable[str] | None = None, steps: int | None = None, chunks: int | None = None,
                  shuffle: bool = False, seed: int = 0, shuffle_buffer: int = 10_000,
                  rank: int | None = None, world_size: int | None = None, equal_lengths: str | None = None,
-                 decode_batch: int = 8, device: str | None = None,
-                 transform: Callable[[torch.Tensor], object] | None = None, allow_incomplete: bool = False):
+                 decode_batch: int = 8, device: str | None = None, layout: str = "HWC",
+                 dtype: torch.dtype = torch.uint8, transform: Callable[[torch.Tensor], object] | None = None,
+                 allow_incomplete: bool = False):
+        check_image_format(layout, dtype)
         if equal_lengths not in EQUAL_LENGTHS:
             raise ValueError(f"equal_lengths must be one of {EQUAL_LENGTHS}, got {equal_lengths!r}")
         if decode_batch < 1 or shuffle_buffer < 1:
             raise ValueError("decode_batch and shuffle_buffer must be at least 1")
         self.url, self.storage_options = url, dict(storage_options or {})
         self.steps, self.chunks, self.device, self.transform = steps, chunks, device, transform
+        self.layout, self.dtype = layout, dtype
         self.shuffle, self.seed, self.shuffle_buffer, self.decode_batch = shuffle, seed, shuffle_buffer, decode_batch
         self.equal_lengths, self.allow_incomplete = equal_lengths, allow_incomplete
         self.rank, self.world_size = _rank_and_world(rank, world_size)
@@ -127,7 +132,7 @@ class ArchiveDataset(IterableDataset):
             rows = _manifest_rows(archive, batch)
             images = archive.decode_rows(rows, self.steps, self.chunks)
             for row, image in zip(rows, images):
-                tensor = torch.from_numpy(image)
+                tensor = image_tensor(image, self.layout, self.dtype)
                 yield {"__key__": row["key"], "__shard__": row["shard"],
                        "image": self.transform(tensor) if self.transform else tensor, "extras": row["extras"]}
             for shard, _ in batch:
@@ -146,14 +151,34 @@ class ArchiveDataset(IterableDataset):
         return {**self.__dict__, "_reader": None}
 
 
+def check_image_format(layout: str, dtype: torch.dtype) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if dtype != torch.uint8 and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be torch.uint8 or a floating dtype, got {dtype!r}")
+
+
+def image_tensor(image: np.ndarray, layout: str = "HWC", dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A decoded H x W x 3 uint8 image as a tensor: HWC, or CHW (contiguous); uint8, or a float
+    dtype scaled to [0, 1]."""
+    tensor = torch.from_numpy(image)
+    if layout == "CHW":
+        tensor = tensor.permute(2, 0, 1).contiguous()
+    return tensor if dtype == torch.uint8 else tensor.to(dtype).div_(255)
+
+
 def collate_samples(samples: Sequence[dict]) -> dict:
     """A DataLoader batch of samples: lists of keys, shards and extras; images stacked into a
-    B x H x W x 3 tensor when they share a shape, else a list (crop them in `transform` to stack)."""
-    images = [sample["image"] for sample in samples]
-    stackable = all(isinstance(i, torch.Tensor) and i.shape == images[0].shape for i in images)
+    B x ... tensor when they share a shape, else a list (crop them in `transform` to stack)."""
     return {"__key__": [s["__key__"] for s in samples], "__shard__": [s["__shard__"] for s in samples],
-            "image": torch.stack(images) if images and stackable else images,
+            "image": stack_if_equal([sample["image"] for sample in samples]),
             "extras": [s["extras"] for s in samples]}
+
+
+def stack_if_equal(images: list) -> torch.Tensor | list:
+    """One tensor when every image is a tensor of one shape, else the list as it is."""
+    stackable = all(isinstance(i, torch.Tensor) and i.shape == images[0].shape for i in images)
+    return torch.stack(images) if images and stackable else images
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

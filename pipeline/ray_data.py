@@ -2,14 +2,15 @@
 
     records = read_archive("s3://bucket/out", storage_options, chunks=2)   # one read task per shard
     images = decode_records(records, batch_size=8)    # actors: one GPU each when the cluster has GPUs
-    for batch in images.iter_batches(batch_format="numpy"): ...             # or feed Ray Train
+    for batch in images.iter_torch_batches(batch_size=32, collate_fn=TorchCollate(layout="CHW")): ...
 
 Record columns (RECORD_SCHEMA): shard, key, width, height, codec, weights_digest, chunks (the
 prefix fetched, null for whole records), extras (map name -> bytes), data (the record's bytes,
 or only its prefix). decode_records replaces `data` with `image` (HxWx3 uint8, a variable-shaped
 tensor column) and keeps the rest, extras included, untouched (batches stay in Arrow: a numpy
 round trip would turn extras' bytes into strings). A record is (shard, key): a key repeated in
-two shards gives two rows.
+two shards gives two rows. TorchCollate makes torch batches of those columns for
+iter_torch_batches (whose default conversion refuses string columns).
 
 The decoders load the codec named by the records' `codec` column (checking `weights_digest`)
 and decode through the same path as Archive.decode and the loader, so the pixels are the same.
@@ -22,7 +23,9 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 import pyarrow as pa
 import ray
+import torch
 from ray.data import Datasource, ReadTask
+from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.data.block import BlockMetadata
 from ray.data.extensions import ArrowVariableShapedTensorArray
 
@@ -31,6 +34,7 @@ from model.registry import WeightsNotInstalled, load_codec_for
 
 from .archive import Archive, ArchiveError, decode_options, decompress
 from .compress import actor_pool, runtime_env
+from .loader import check_image_format, image_tensor, stack_if_equal
 from .manifest import MANIFEST_SCHEMA
 
 RECORDS_PER_BLOCK = 256
@@ -133,6 +137,33 @@ class RecordDecoder:
             images += decompress(codec, [datas[i] for i in group], [rows[i] for i in group], options,
                                  url=f"a Dataset of {first['codec']} records")
         return batch.drop_columns(["data"]).append_column("image", _tensor_column(images))
+
+
+class TorchCollate(ArrowBatchCollateFn):
+    """`collate_fn` for iter_torch_batches over decode_records: "image" as in the loader (one
+    B x ... tensor when the images share a shape, else a list; HWC or CHW, uint8 or float in
+    [0, 1]), width and height as int64 tensors, strings, chunks and extras (dicts of bytes) as
+    lists. Tensors are moved to iter_torch_batches' `device`."""
+
+    def __init__(self, layout: str = "HWC", dtype: torch.dtype = torch.uint8):
+        check_image_format(layout, dtype)
+        self.layout, self.dtype = layout, dtype
+
+    def __call__(self, batch: pa.Table) -> dict:
+        out = {}
+        for name in batch.column_names:
+            column = batch[name]
+            if name == "image":
+                arrays = column.combine_chunks().to_numpy(zero_copy_only=False)
+                out[name] = stack_if_equal([image_tensor(np.ascontiguousarray(a), self.layout, self.dtype)
+                                            for a in arrays])
+            elif name in ("width", "height"):
+                out[name] = torch.tensor(column.to_pylist(), dtype=torch.int64)
+            elif name == "extras":
+                out[name] = [dict(pairs) for pairs in column.to_pylist()]
+            else:
+                out[name] = column.to_pylist()
+        return out
 
 
 def _tensor_column(images: list[np.ndarray]) -> pa.Array:

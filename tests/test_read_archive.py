@@ -9,13 +9,14 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from jobs import decode as decode_job
 from pipeline.archive import Archive, ArchiveError
 from pipeline.decode import decode_archive
 from pipeline.loader import ArchiveDataset
 from pipeline.manifest import manifest_path, read_manifest, write_table
-from pipeline.ray_data import decode_records, read_archive
+from pipeline.ray_data import TorchCollate, decode_records, read_archive
 from pipeline.storage import open_location
 
 from .pipeline_fixtures import local_ray  # noqa: F401 - fixture
@@ -164,6 +165,20 @@ def test_ray_data_decodes_what_archive_decode_decodes(cdc_archive, uqdm_archive,
     prefixes = decode_records(read_archive(str(uqdm_archive), chunks=2, keys=["b"]), actors=1).take_all()
     assert [r["key"] for r in prefixes] == ["b"] and prefixes[0]["chunks"] == 2
     assert np.array_equal(prefixes[0]["image"], Archive(str(uqdm_archive), codec=uqdm).decode("b", chunks=2))
+
+
+def test_ray_data_records_iterate_as_torch_batches(cdc_archive):
+    """iter_torch_batches with TorchCollate: string columns and extras pass as lists, images as CHW tensors."""
+    archive = Archive(str(cdc_archive))
+    images = decode_records(read_archive(str(cdc_archive), shards=["c-000"]), batch_size=2)
+    batches = list(images.iter_torch_batches(batch_size=3, collate_fn=TorchCollate(layout="CHW")))
+    assert sum(len(b["key"]) for b in batches) == 3
+    for batch in batches:
+        assert isinstance(batch["key"][0], str) and isinstance(batch["extras"][0]["cls"], bytes)
+        images = batch["image"] if isinstance(batch["image"], list) else list(batch["image"])
+        for key, shard, image, width in zip(batch["key"], batch["shard"], images, batch["width"].tolist()):
+            assert image.dtype == torch.uint8 and image.shape[0] == 3 and image.shape[2] == width
+            assert np.array_equal(image.permute(1, 2, 0).numpy(), archive.decode(key, steps=0, shard=shard))
 
 
 def test_deleted_manifest_is_detected_not_served_short(cdc_archive, tmp_path, caplog):

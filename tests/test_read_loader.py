@@ -92,6 +92,18 @@ def test_samples_look_like_webdataset_and_collate_keeps_extras(archive):
     assert isinstance(uneven["image"], list) and len(uneven["image"]) == 2  # a0 is in s0 and s2, two sizes
 
 
+def test_chw_and_float_images_are_the_decoded_pixels_in_torchvisions_convention(archive):
+    hwc = ArchiveDataset(archive, keys=["b0", "b1"], steps=0)
+    chw = ArchiveDataset(archive, keys=["b0", "b1"], steps=0, layout="CHW", dtype=torch.float32)
+    batch = next(iter(DataLoader(chw, batch_size=2, collate_fn=collate_samples)))
+    assert batch["image"].dtype == torch.float32 and batch["image"].shape[:2] == (2, 3)
+    expected = torch.stack([s["image"] for s in hwc]).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(batch["image"], expected) and batch["image"].max() <= 1
+    for bad, message in (({"layout": "HW"}, "layout must be one of"), ({"dtype": torch.int32}, "dtype must be")):
+        with pytest.raises(ValueError, match=message):
+            ArchiveDataset(archive, **bad)
+
+
 def test_loader_pixels_are_archive_decode_pixels(archive):
     """Workers (fork, one thread each) give exactly Archive.decode's pixels, also with diffusion steps."""
     reader = Archive(archive)
