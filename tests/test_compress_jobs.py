@@ -1,5 +1,5 @@
 """The compress_bucket command itself: under `ray job submit`, stopped halfway and rerun, and
-with no arguments at all (the embedded default)."""
+with no arguments at all (the embedded default), followed by README's examples as written."""
 
 from __future__ import annotations
 
@@ -118,10 +118,34 @@ def test_stopped_halfway_then_rerun_gives_one_row_per_image(weights_dir, private
     assert read_errors(open_location(str(output))).num_rows == 0
 
 
-def test_no_arguments_compresses_the_sample_shards(weights_dir, private_ray_root, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "jobs.compress_bucket"], env=job_env(weights_dir, private_ray_root),
-                            cwd=tmp_path, capture_output=True, text=True, timeout=400)
+README_MARK = "<!-- run as written by tests/test_compress_jobs.py -->"
+
+
+def readme_examples() -> list[tuple[str, str]]:
+    """(language, code) of every README block marked as run by this file."""
+    lines, blocks = (REPO / "README.md").read_text().splitlines(), []
+    for i, line in enumerate(lines):
+        if line.strip() == README_MARK:
+            language, end = lines[i + 1].removeprefix("```"), lines.index("```", i + 2)
+            blocks.append((language, "\n".join(lines[i + 2:end])))
+    return blocks
+
+
+def test_set_up_command_then_readme_examples_run_as_written(weights_dir, private_ray_root, tmp_path):
+    """README's command 1 (`diffpress compress`, no arguments: the sample shards), then each of
+    its marked examples, exactly as written, in the folder where command 1 ran."""
+    env = job_env(weights_dir, private_ray_root)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's commands, as after set-up
+    result = subprocess.run(["diffpress", "compress"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "images             6" in result.stdout and "errors             0" in result.stdout
     assert len(list((tmp_path / "out" / "sample_shards").glob("*.tar"))) == 2
     assert (tmp_path / "out" / "compress_bucket" / SUCCESS_FILE).exists()
+    examples = readme_examples()
+    assert [language for language, _ in examples] == ["python", "bash", "python"]
+    for language, code in examples:
+        command = [sys.executable, "-c", code] if language == "python" else ["bash", "-e", "-c", code]
+        run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        assert run.returncode == 0, f"README example failed:\n{code}\n" + run.stdout[-3000:] + run.stderr[-3000:]
+    assert len(list((tmp_path / "out" / "decoded").rglob("*.png"))) == 6
