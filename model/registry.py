@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
@@ -105,12 +105,20 @@ def save_weights(weights: Weights, path: str | Path, replace: bool = False) -> P
 
 
 def read_weights(path: str | Path) -> Weights:
+    """A weights file; ValueError for one that is not a safetensors file, not ours, or holds NaN
+    or infinite values (a damaged file that would decode wrong images without a word)."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a diffpress weights file (metadata format {meta.get('format')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a diffpress weights file (metadata format {meta.get('format')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors weights file: {exc}") from None
+    damaged = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if damaged:
+        raise ValueError(f"{path} is damaged: {', '.join(damaged[:3])} hold NaN or infinite values")
     return Weights(meta["codec"], meta["name"], json.loads(meta["config"]), tensors, meta.get("provenance", ""),
                    json.loads(meta.get("training", "{}")))
 
@@ -132,9 +140,21 @@ def resolve(name_or_path: str | Path) -> Path:
     for folder in searched:
         path = folder / f"{_unalias(name)}.safetensors"
         if path.is_file():
+            _refuse_shadowing(path)
             return path
     raise FileNotFoundError(f"unknown codec weights {name!r}; looked in {', '.join(map(str, searched))}. "
                             f"Available: {', '.join(available()) or 'none'}.{_missing_hint(name)}")
+
+
+def _refuse_shadowing(path: Path) -> None:
+    """A file found by name that has a shipped release's name but other contents is refused:
+    it would stand in for the release under its name in every job and manifest."""
+    shipped = SHIPPED_DIR / path.name
+    if path.parent.resolve() != SHIPPED_DIR.resolve() and shipped.is_file():
+        found, release = file_digest(path), file_digest(shipped)
+        if found != release:
+            raise ValueError(f"{path} has the name of the weights shipped inside diffpress ({shipped.stem}, digest "
+                             f"{release.hex()}) but other contents (digest {found.hex()}): rename it")
 
 
 def _missing_hint(name: str) -> str:

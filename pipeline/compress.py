@@ -27,10 +27,12 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import ray
 from tqdm import tqdm
 
 from model import load_codec
+from model.metrics import psnr_from_mse
 
 from . import stages
 from .manifest import JOB_FILE, SUCCESS_FILE, CommittedShard, ShardTotals, read_committed
@@ -47,6 +49,7 @@ ENCODES_PER_ACTOR = 2  # one running, one queued, so an actor never waits for th
 ENCODER_RETRIES = 3    # an encode call is retried this often on an encoder that died
 COMMIT_FETCH = 8       # encoded batches a commit holds at once
 REASONS_KEPT = 5       # per uncommitted shard, in the summary
+QUALITY_SAMPLE = 2     # images per encoder decoded again (the readers' default) for the summary's PSNR
 
 
 class ConfigError(ValueError):
@@ -116,20 +119,27 @@ class RunSummary:
     megapixels_per_second: float
     steady_megapixels_per_second: float
     encoders: dict[str, dict]
+    codec: str = ""                       # name (with its rate point) and weights digest
+    progressive: bool = False
+    sample_psnr: float | None = None      # dB, default decode of QUALITY_SAMPLE images per encoder
+    sample_images: int = 0
 
     def table(self) -> str:
         # No steady rate when there were too few batches for every encoder to be warm.
         steady = (f" ({self.steady_megapixels_per_second:.4f} after start-up)"
                   if self.steady_megapixels_per_second else "")
         lines = [f"archive            {self.output}",
+                 f"codec              {self.codec}",
                  f"shards             {self.shards} ({self.shards_skipped} already committed, skipped), "
                  f"{self.shards_committed} committed now, {len(self.uncommitted)} not committed",
                  f"images             {self.images}",
                  f"source bytes       {self.source_bytes}",
                  f"compressed bytes   {self.compressed_bytes}",
-                 f"bpp                {self.bpp:.4f}",
+                 f"bpp                {self.bpp:.4f} (all compressed bytes over all pixels; the manifests' bpp "
+                 "column is each image's own)",
                  f"this run           {self.run_images} images in {self.run_seconds:.1f} s, "
                  f"{self.megapixels_per_second:.4f} MP/s{steady}",
+                 f"quality            {self.quality()}",
                  f"errors             {sum(self.errors_by_reason.values())}"]
         lines += [f"  {reason:<28} {count}" for reason, count in sorted(self.errors_by_reason.items())]
         if self.uncommitted:
@@ -139,7 +149,21 @@ class RunSummary:
         elif not self.complete:
             lines.append(f"INCOMPLETE         earlier inputs of this archive are not committed (no {SUCCESS_FILE}); "
                          "rerun with them to finish it")
+        if self.compressed_bytes > self.source_bytes:
+            lines.append(f"WARNING            the archive is larger than its source ({self.compressed_bytes} > "
+                         f"{self.source_bytes} bytes): choose a lower rate point (diffpress info lists them) or "
+                         "keep the source files")
+        if self.images:
+            lines.append(f"next               diffpress decode --input {self.output} --to DECODED   "
+                         "(or pipeline.archive.Archive / pipeline.loader.ArchiveDataset in Python)")
         return "\n".join(lines)
+
+    def quality(self) -> str:
+        if self.sample_images:
+            return f"PSNR {self.sample_psnr:.2f} dB, default decode of {self.sample_images} images of this run"
+        if self.progressive:
+            return "lossless with every chunk (progressive codec); not sampled: decoding costs as much as encoding"
+        return "not sampled (no image encoded in this run)"
 
 
 class Encoder:
@@ -151,6 +175,7 @@ class Encoder:
         self.codec = load_codec(codec_name)
         self.identity = {"actor": index, "node": ray.get_runtime_context().get_node_id(),
                          "device": str(self.codec.device)}
+        self.sampled = 0  # images decoded again for the summary's quality figure
 
     def describe(self) -> stages.CodecInfo:
         return stages.CodecInfo(self.codec.name, self.codec.weights_digest.hex(), self.codec.progressive)
@@ -162,7 +187,23 @@ class Encoder:
         stats = {"images": len(encoded.images), "pixels": sum(i.width * i.height for i in encoded.images),
                  "busy_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
                  "transient": stages.transient_reasons(encoded), **self.identity}
+        if self.sampled < QUALITY_SAMPLE and not self.codec.progressive and encoded.images:
+            stats["quality"] = self._squared_error(batch, encoded)
         return encoded, stats
+
+    def _squared_error(self, batch: stages.DecodedBatch, encoded: stages.EncodedBatch) -> tuple[float, int, int]:
+        """(sum of squared errors, values, images) of the readers' default decode of a few of this
+        batch's streams against their pixels; zeros if that decode fails (it is only the summary's figure)."""
+        sample = encoded.images[:QUALITY_SAMPLE - self.sampled]
+        self.sampled += len(sample)
+        pixels = {image.source.index: image.pixels for image in batch.images}
+        try:
+            decoded = self.codec.decompress_batch([image.data for image in sample])
+        except Exception:  # noqa: BLE001 - a failed sample must not fail the batch
+            log.warning("decoding the quality sample failed", exc_info=True)
+            return 0.0, 0, 0
+        errors = [float(((d.astype(np.float64) - pixels[e.source.index]) ** 2).sum()) for e, d in zip(sample, decoded)]
+        return sum(errors), sum(d.size for d in decoded), len(decoded)
 
 
 @ray.remote
@@ -314,6 +355,7 @@ class _Scheduler:
         self.warm_actors: set[int] = set()
         self.steady_since: float | None = None
         self.steady_pixels = 0
+        self.squared_error, self.sampled_values, self.sampled_images = 0.0, 0, 0  # the quality sample
 
     def prefetch(self, shards: list[Shard]) -> None:
         self.started = time.monotonic()
@@ -323,8 +365,10 @@ class _Scheduler:
     def run(self, codec: stages.CodecInfo) -> None:
         """Encode and commit every prefetched shard; commits record `codec`."""
         self.codec = codec
-        with tqdm(total=len(self.todo) + len(self.decoding), unit="shard", desc="compress",
-                  mininterval=1.0) as self.bar:
+        # In images (a shard's count is known only once it is read), the shards in the postfix
+        self.shard_count = len(self.todo) + len(self.decoding)
+        with tqdm(unit="image", desc="compress", mininterval=1.0) as self.bar:
+            self._show_shards()
             while self.todo or self.decoding or self.queue or self.encoding or self.committing:
                 self._start_decodes()
                 self._dispatch()
@@ -412,13 +456,22 @@ class _Scheduler:
         self.warm_actors.add(actor)
         if self.steady_since is None and len(self.warm_actors) == len(self.encoders):
             self.steady_since = time.monotonic()
+        if "quality" in stats:
+            squared_error, values, images = stats.pop("quality")
+            self.squared_error += squared_error
+            self.sampled_values += values
+            self.sampled_images += images
         entry["images"] += stats["images"]
         entry["pixels"] += stats["pixels"]
         entry["busy_seconds"] += stats["busy_seconds"]
         entry["cpu_seconds"] += stats["cpu_seconds"]
         _add_unique(entry["nodes"], stats["node"])
         _add_unique(entry["devices"], stats["device"])
-        self.bar.set_postfix(images=sum(e["images"] for e in self.stats.values()), refresh=False)
+        self.bar.update(stats["images"])
+
+    def _show_shards(self) -> None:
+        done = len(self.committed) + len(self.uncommitted)
+        self.bar.set_postfix_str(f"shards {done}/{self.shard_count}", refresh=False)
 
     def _finish_if_ready(self, progress: _ShardProgress) -> None:
         if not progress.ready:
@@ -438,7 +491,7 @@ class _Scheduler:
         log.error("shard %s not committed (a rerun retries it): %s", progress.shard.name, "; ".join(kept))
         self.uncommitted[progress.shard.name] = kept
         progress.encoded.clear()
-        self.bar.update(1)
+        self._show_shards()
 
     def _on_committed(self, ref) -> None:
         progress = self.committing.pop(ref)
@@ -450,7 +503,7 @@ class _Scheduler:
         self.committed[progress.shard.name] = totals
         log.info("committed shard %s: %d images, %d errors", progress.shard.name, totals.images,
                  sum(totals.errors.values()))
-        self.bar.update(1)
+        self._show_shards()
 
 
 def _failure(exc: ray.exceptions.RayError) -> str:
@@ -515,7 +568,10 @@ def _summarize(config: CompressConfig, shards: list[Shard], before: dict[str, Co
         errors_by_reason=dict(totals.errors),
         run_images=sum(e["images"] for e in run.stats.values()), run_seconds=run.seconds,
         megapixels_per_second=run_pixels / 1e6 / run.seconds if run.seconds else 0.0,
-        steady_megapixels_per_second=run.steady_megapixels_per_second, encoders=run.stats)
+        steady_megapixels_per_second=run.steady_megapixels_per_second, encoders=run.stats,
+        codec=f"{run.codec.name} (weights {run.codec.weights_digest[:16]})", progressive=run.codec.progressive,
+        sample_psnr=psnr_from_mse(run.squared_error / run.sampled_values) if run.sampled_values else None,
+        sample_images=run.sampled_images)
 
 
 def connect_ray(env: Mapping[str, str] = os.environ) -> None:

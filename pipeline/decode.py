@@ -38,7 +38,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -134,9 +134,11 @@ def decode_archive(url: str, to: str, storage_options: Mapping | None = None, ke
     archive.decode_options(steps, chunks)  # a setting the archive cannot take fails before any work
     keys = None if keys is None else list(keys)
     if keys is None:
-        selection: dict[str, list[int] | None] = dict.fromkeys(archive.shard_sizes(shards))
+        sizes = archive.shard_sizes(shards)
+        selection: dict[str, list[int] | None] = dict.fromkeys(sizes)
     else:
         selection = dict(archive.locate(keys, shards))
+        sizes = {shard: len(rows) for shard, rows in selection.items()}
     target = open_location(to, config.storage_options)
     settings = config.settings(keys)
     done, todo = {}, {}
@@ -152,7 +154,8 @@ def decode_archive(url: str, to: str, storage_options: Mapping | None = None, ke
     log.info("%d shards to decode, %d already decoded", len(todo), len(done))
     _clear_partial(target)  # what a killed run left half written
     started = time.monotonic()
-    new, failed = _run(config, settings, todo, allow_incomplete, actors, gpus_per_actor) if todo else ({}, {})
+    images = sum(sizes[shard] for shard in todo)
+    new, failed = _run(config, settings, todo, images, allow_incomplete, actors, gpus_per_actor) if todo else ({}, {})
     _clear_partial(target)
     commits = {**done, **new}
     return DecodeSummary(
@@ -169,9 +172,11 @@ def _clear_partial(target: Location) -> None:
         target.fs.rm(target.path(PARTIAL_DIR), recursive=True)
 
 
-def _run(config: DecodeConfig, settings: dict, todo: dict[str, list[int] | None], allow_incomplete: bool,
-         actors: int | None, gpus_per_actor: float | None) -> tuple[dict[str, dict], dict[str, str]]:
-    """Decode the shards of `todo` on an actor pool; (commits by shard, failures by shard)."""
+def _run(config: DecodeConfig, settings: dict, todo: dict[str, list[int] | None], images: int,
+         allow_incomplete: bool, actors: int | None, gpus_per_actor: float | None
+         ) -> tuple[dict[str, dict], dict[str, str]]:
+    """Decode the shards of `todo` (`images` records) on an actor pool; (commits by shard, failures
+    by shard). Each shard's call streams its progress (records done per batch), then its commit."""
     connect_ray()
     count, gpus = actor_pool(actors, gpus_per_actor, "decoders")
     remote = ray.remote(ShardDecoder).options(num_cpus=1, num_gpus=gpus, max_restarts=-1, max_task_retries=3,
@@ -181,22 +186,29 @@ def _run(config: DecodeConfig, settings: dict, todo: dict[str, list[int] | None]
     queue, running, load = list(todo), {}, [0] * len(pool)
     commits, failed = {}, {}
     try:
-        with tqdm(total=len(todo), unit="shard", desc="decode") as bar:
+        with tqdm(total=images, unit="image", desc="decode", mininterval=1.0) as bar:
             while queue or running:
                 while queue and min(load) < SHARDS_PER_ACTOR:
                     actor = load.index(min(load))
                     shard = queue.pop(0)
-                    running[pool[actor].decode_shard.remote(shard, todo[shard])] = (shard, actor)
+                    call = pool[actor].decode_shard.options(num_returns="streaming").remote(shard, todo[shard])
+                    running[call] = (shard, actor)
                     load[actor] += 1
                 [ready], _ = ray.wait(list(running), num_returns=1)
-                shard, actor = running.pop(ready)
-                load[actor] -= 1
+                shard, actor = running[ready]
                 try:
-                    commits[shard] = ray.get(ready)
+                    item = ray.get(next(ready))
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                     log.error("shard %s failed: %s", shard, exc)
                     failed[shard] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                bar.update()
+                else:
+                    if isinstance(item, int):  # records done in a batch
+                        bar.update(item)
+                        continue
+                    commits[shard] = item
+                running.pop(ready)
+                load[actor] -= 1
+                bar.set_postfix_str(f"shards {len(commits) + len(failed)}/{len(todo)}", refresh=False)
     finally:  # free the CPUs/GPUs now, also when the run fails
         for actor in pool:
             ray.kill(actor)
@@ -211,8 +223,9 @@ class ShardDecoder:
         self.archive = Archive(config.url, config.storage_options, allow_incomplete=allow_incomplete)
         self.target = open_location(config.to, config.storage_options)
 
-    def decode_shard(self, shard: str, rows: list[int] | None) -> dict:
-        """Decode a shard's records (all, or those numbered `rows`), write its output, then its commit."""
+    def decode_shard(self, shard: str, rows: list[int] | None) -> Iterator[int | dict]:
+        """Decode a shard's records (all, or those numbered `rows`), write its output, then its
+        commit; yields the number of records done after each batch, then the commit."""
         config = self.config
         records = self.archive.shard_records(shard, rows)
         errors = []
@@ -226,12 +239,13 @@ class ShardDecoder:
                         errors.append({"key": row["key"], "reason": str(image)})
                     else:
                         output.add(row, encode_png(image))
+                yield len(batch)
             output.commit()
         commit = {"shard": shard, "settings": self.settings, "records": len(records),
                   "written": len(records) - len(errors), "errors": errors, **output.names}
         self.target.write_atomic(commit_path(shard), json.dumps(commit, indent=1).encode())
         self.archive.forget(shard)
-        return commit
+        yield commit
 
     def _decode(self, batch: list[dict]) -> list:
         """Images, or for a record that cannot be read or decoded its ArchiveError (the others still decode)."""

@@ -199,6 +199,17 @@ def _members(tar: tarfile.TarFile) -> Iterator[Sample | MemberError]:
         if info.size > MAX_MEMBER_BYTES:
             yield MemberError.of(key, member, "member too large",
                                  f"{info.name} has {info.size} bytes, over {MAX_MEMBER_BYTES}")
+            try:
+                skipped = _skip_data(tar, info)
+            except ShardReadError:
+                raise
+            except DAMAGE as exc:
+                yield _damage(key, member, exc, f"in member {info.name}")
+                return
+            if not skipped:
+                yield MemberError.of(key, member, "truncated tar",
+                                     f"{info.name} claims {info.size} bytes; the shard ends before them")
+                return
             continue
         try:
             content = tar.extractfile(info).read()
@@ -213,6 +224,19 @@ def _members(tar: tarfile.TarFile) -> Iterator[Sample | MemberError]:
         current.members[member] = content
     yield from _complete(current)
     yield from _end_of_archive(tar)
+
+
+def _skip_data(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bool:
+    """Read past a member's data here, a buffer at a time; False if the shard ends first.
+
+    Why: in a stream, tarfile skips data by reading block after block up to the claimed size,
+    also past the end of the shard, so a PAX header claiming 10^15 bytes never finished.
+    """
+    end = info.offset_data + -(-info.size // BLOCK) * BLOCK
+    while tar.fileobj.pos < end:
+        if not tar.fileobj.read(min(READ_SIZE, end - tar.fileobj.pos)):
+            return False
+    return True
 
 
 def _complete(sample: Sample | None) -> Iterator[Sample]:

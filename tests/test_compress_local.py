@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -58,6 +59,29 @@ def test_every_good_image_once_and_every_fault_with_its_reason(archive_dir, data
     assert json.loads((out / SUCCESS_FILE).read_text())["images"] == len(dataset.good)
     job = json.loads((out / "_job.json").read_text())
     assert job["codec"] == "uqdm-test" and len(job["inputs"]) == 3 and job["config"]["actors"] == 2
+
+
+def test_summary_names_codec_quality_and_next_command_and_warns_when_larger_than_source(archive_dir, tmp_path):
+    _, summary = archive_dir
+    table = summary.table()
+    assert "codec              uqdm-test (weights " in table and "lossless with every chunk" in table
+    assert "next               diffpress decode --input " in table
+    assert ("WARNING" in table) == (summary.compressed_bytes > summary.source_bytes)
+    assert "larger than its source" in dataclasses.replace(summary, compressed_bytes=summary.source_bytes + 1).table()
+    assert "WARNING" not in dataclasses.replace(summary, compressed_bytes=summary.source_bytes).table()
+    # a lossy codec: the PSNR of a sample, as a reader decodes it
+    folder = tmp_path / "in"
+    folder.mkdir()
+    samples = [good_sample(f"k{i}", i, size=(48, 64)) for i in range(3)]
+    (folder / "s.tar").write_bytes(write_shard(samples))
+    cdc = run_compress(CompressConfig(str(folder), str(tmp_path / "out"), "cdc-hp128:q1", actors=1, batch_size=1))
+    assert cdc.sample_images == 2 and "cdc-hp128:q1 (weights " in cdc.table()
+    archive = Archive(str(tmp_path / "out"))
+    errors = [(archive.decode(key).astype(float) - decode_image(sample.members[member])[0]) ** 2
+              for sample in samples[:2] for key, member in [(sample.key, archive.record(sample.key)["source_member"])]]
+    expected = 10 * np.log10(255 ** 2 / (sum(e.sum() for e in errors) / sum(e.size for e in errors)))
+    assert cdc.sample_psnr == pytest.approx(expected, abs=1e-6)
+    assert f"PSNR {expected:.2f} dB, default decode of 2 images" in cdc.table()
 
 
 def test_rows_describe_their_records_and_carry_extras(archive_dir, dataset, uqdm):
