@@ -265,6 +265,9 @@ class Archive(Mapping):
     def _span(self, row: dict, chunks: int | None) -> tuple[str, int, int]:
         """(blob path, start, end) of a record, or of its first `chunks` chunks."""
         lengths, size = row["chunk_lengths"], row["length"]
+        if any(row.get(name) is None for name in ("offset", "length", "crc32")) or row["offset"] < 0 or size < 0:
+            raise ArchiveError(f"{_where(row, self.url)} has a damaged manifest row (offset {row.get('offset')}, "
+                               f"length {size}, crc32 {row.get('crc32')})")
         if chunks is not None:
             if not 0 < chunks <= len(lengths):
                 raise ArchiveError(f"record {row['key']!r} has {len(lengths)} chunks; asked for {chunks}")

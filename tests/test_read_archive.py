@@ -232,3 +232,37 @@ def test_an_archive_names_the_weights_it_needs_and_finds_them_under_any_name(cdc
     message = str(raised.value)
     assert "\n" not in message and "uqdm-tiny-exact (digest 4c1fe047c28370c48ccd1c7552c90450)" in message
     assert "not installed here" in message and "the copy of uqdm-tiny-exact.safetensors" in message  # how to get them
+
+
+def _set_column(table: pa.Table, name: str, values: list) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type))
+
+
+HOSTILE_MANIFESTS = {
+    "offset beyond the blob": (lambda t: _set_column(t, "offset", [10 ** 9] * t.num_rows), "ends before"),
+    "negative length": (lambda t: _set_column(t, "length", [-5] * t.num_rows), "damaged manifest row"),
+    "negative offset": (lambda t: _set_column(t, "offset", [-100] * t.num_rows), "damaged manifest row"),
+    "overlapping records": (lambda t: _set_column(t, "offset", [t["offset"][0].as_py()] * t.num_rows), "crc32"),
+    "missing column": (lambda t: t.drop_columns(["crc32"]), "damaged manifest row"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MANIFESTS))
+def test_hostile_manifests_are_clear_errors_never_wrong_images(cdc_archive, tmp_path, case):
+    edit, message = HOSTILE_MANIFESTS[case]
+    copy = copy_archive(cdc_archive, tmp_path / "copy")
+    location = open_location(str(copy))
+    write_table(location, manifest_path("c-000"), edit(read_manifest(location, "c-000")))
+    with pytest.raises(ArchiveError, match=message):
+        Archive(str(copy)).decode("p")
+
+
+def test_a_blob_truncated_after_its_commit_is_refused_by_every_reader(cdc_archive, tmp_path):
+    copy = copy_archive(cdc_archive, tmp_path / "copy")
+    [blob] = (copy / "data").glob("c-000*")
+    blob.write_bytes(blob.read_bytes()[:-10])
+    with pytest.raises(ArchiveError, match="ends before"):
+        Archive(str(copy)).decode("q")  # the shard's last record
+    assert np.array_equal(Archive(str(copy)).decode("p"), Archive(str(cdc_archive)).decode("p"))  # the rest reads
+    with pytest.raises(ArchiveError, match="ends before"):
+        list(ArchiveDataset(str(copy), shards=["c-000"]))
