@@ -10,7 +10,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageCms, ImageOps
 
 # Refuse images whose header claims more pixels than this before decoding them
 # (decompression bombs); larger photos than this are not a use case.
@@ -100,6 +100,7 @@ def decode_image(data: bytes) -> tuple[np.ndarray, str]:
                 # whether the image was turned is read from the Orientation tag itself.
                 orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
                 turned = orientation in range(2, 9)
+                profile = image.info.get("icc_profile")
                 array, note = to_rgb8(ImageOps.exif_transpose(image) if turned else image)
     except ImageDecodeError:
         raise
@@ -107,11 +108,33 @@ def decode_image(data: bytes) -> tuple[np.ndarray, str]:
         raise ImageDecodeError("decompression bomb", str(exc)) from exc
     except Exception as exc:  # Pillow raises many types for bad data; all mean "not an image"
         raise ImageDecodeError("cannot decode image", f"{type(exc).__name__}: {exc}") from exc
+    if profile:
+        array, icc_note = _to_srgb(array, profile)
+        note += icc_note
     if turned:
         note += f" (EXIF orientation {orientation} applied)"
     if frames > 1:
         note += f" (first of {frames} frames)"
     return array, note
+
+
+def _to_srgb(array: np.ndarray, profile: bytes) -> tuple[np.ndarray, str]:
+    """Pixels in an embedded RGB ICC profile converted to sRGB (the codecs' and viewers' colour
+    space), with a note; an sRGB profile (conversion within one level) changes nothing, a
+    profile of another colour space or an unreadable one is named and not applied."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        name = ImageCms.getProfileDescription(source).strip() or "unnamed"
+        if source.profile.xcolor_space.strip() != "RGB":
+            return array, f" (ICC profile {name!r} of {source.profile.xcolor_space.strip()} not applied)"
+        converted = np.asarray(ImageCms.profileToProfile(
+            Image.fromarray(array), source, ImageCms.createProfile("sRGB"),
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC, outputMode="RGB"))
+    except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+        return array, f" (unreadable ICC profile not applied: {exc})"
+    if np.abs(converted.astype(np.int16) - array).max() <= 1:
+        return array, ""
+    return converted.copy(), f" (ICC profile {name!r} converted to sRGB)"
 
 
 def encode_png(img: np.ndarray) -> bytes:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from model import decode_image, load_codec
 from model.images import ImageDecodeError
@@ -124,6 +124,29 @@ def test_image_edge_cases_decode_to_rgb_say_what_was_done_and_round_trip_their_s
     pixels, mode = decode_image(data)
     assert pixels.shape == (*shape, 3) and pixels.dtype == np.uint8 and mode == note
     assert cdc.decompress(cdc.compress(pixels)).shape == pixels.shape
+
+
+def swapped_primaries_profile() -> bytes:
+    """The built-in sRGB profile with its red and green colorants swapped: an RGB profile that is not sRGB."""
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", data[128:132])[0]
+    entries = {bytes(data[132 + 12 * i:136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    red, green = entries[b"rXYZ"], entries[b"gXYZ"]
+    data[red + 4:red + 12], data[green + 4:green + 12] = data[green + 4:green + 12], data[red + 4:red + 12]
+    return bytes(data)
+
+
+def test_an_icc_profile_other_than_srgb_is_converted_and_said_so():
+    red = Image.new("RGB", (4, 4), (200, 30, 30))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    pixels, mode = decode_image(encoded(red, "PNG", icc_profile=srgb))
+    assert mode == "RGB" and (pixels == (200, 30, 30)).all()  # sRGB already: untouched
+    pixels, mode = decode_image(encoded(red, "PNG", icc_profile=swapped_primaries_profile()))
+    assert mode == "RGB (ICC profile 'sRGB built-in' converted to sRGB)"
+    r, g, _ = pixels[0, 0].astype(int)
+    assert g > r + 50  # the file's "red" channel meant green
+    pixels, mode = decode_image(encoded(red, "PNG", icc_profile=b"not a profile"))
+    assert "unreadable ICC profile not applied" in mode and (pixels == (200, 30, 30)).all()
 
 
 def test_floating_point_images_are_refused_with_a_reason():
