@@ -42,6 +42,27 @@ def encoded(img: np.ndarray, fmt: str) -> bytes:
     return out.getvalue()
 
 
+def tar_of(entries: list[tuple[str, bytes | tarfile.TarInfo]], fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+    """A tar of (name, bytes) regular files and ready-made TarInfo entries (links, FIFOs, folders,
+    devices, hostile headers: written without data)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, content in entries:
+            if isinstance(content, tarfile.TarInfo):
+                tar.addfile(content)
+            else:
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def special_member(name: str, kind: bytes, target: str = "") -> tuple[str, tarfile.TarInfo]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return name, info
+
+
 def good_sample(key: str, seed: int, size: tuple[int, int] | None = None) -> Sample:
     height, width = size or SIZES[seed % len(SIZES)]
     fmt, ext = ("JPEG", "jpg") if seed % 2 else ("PNG", "png")

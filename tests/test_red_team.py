@@ -18,26 +18,7 @@ from model.images import ImageDecodeError
 from model.registry import SHIPPED_DIR, Weights, read_weights, save_weights
 from pipeline.shards import read_shard
 
-from .pipeline_fixtures import good_sample
-
-
-def tar_of(entries: list[tuple[str, bytes] | tarfile.TarInfo]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for entry in entries:
-            if isinstance(entry, tarfile.TarInfo):
-                tar.addfile(entry, io.BytesIO(b"\0" * entry.size) if entry.size else None)
-            else:
-                info = tarfile.TarInfo(entry[0])
-                info.size = len(entry[1])
-                tar.addfile(info, io.BytesIO(entry[1]))
-    return buffer.getvalue()
-
-
-def special(name: str, kind: bytes) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    return info
+from .pipeline_fixtures import good_sample, special_member, tar_of
 
 
 def samples_and_errors(data: bytes) -> tuple[dict[str, list[str]], list[tuple[str, str, str]]]:
@@ -52,9 +33,8 @@ PNG = good_sample("b", 2).members["png"]
 
 
 def test_devices_and_folders_named_like_images_are_not_images():
-    device = special("c.jpg", tarfile.CHRTYPE)
-    samples, errors = samples_and_errors(tar_of([("a.jpg", JPG), device, special("x.jpg", tarfile.DIRTYPE),
-                                                 ("y.jpg", JPG)]))
+    samples, errors = samples_and_errors(tar_of([("a.jpg", JPG), special_member("c.jpg", tarfile.CHRTYPE),
+                                                 special_member("x.jpg", tarfile.DIRTYPE), ("y.jpg", JPG)]))
     assert samples == {"a": ["jpg"], "c": [], "y": ["jpg"]}  # the folder is structure, not a sample
     assert errors == [("c", "jpg", "unsupported tar member")]
 
@@ -64,20 +44,14 @@ def test_a_pax_header_claiming_a_petabyte_is_refused_at_once():
     huge = tarfile.TarInfo("h.jpg")
     huge.size, huge.pax_headers = 0, {"size": str(10 ** 15)}
     started = time.monotonic()
-    samples, errors = samples_and_errors(tar_of([("a.jpg", JPG), huge, ("z.jpg", JPG)]))
+    samples, errors = samples_and_errors(tar_of([("a.jpg", JPG), ("h.jpg", huge), ("z.jpg", JPG)], tarfile.PAX_FORMAT))
     assert time.monotonic() - started < 10
     assert samples == {"a": ["jpg"]}  # z lies inside the claimed bytes: the tar ends there
     assert errors == [("h", "jpg", "member too large"), ("h", "jpg", "truncated tar")]
 
 
 def test_a_header_claiming_more_bytes_than_the_shard_has_is_a_truncated_tar():
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name in ("a.jpg", "b.jpg"):
-            info = tarfile.TarInfo(name)
-            info.size = len(JPG)
-            tar.addfile(info, io.BytesIO(JPG))
-    data = bytearray(buffer.getvalue())
+    data = bytearray(tar_of([("a.jpg", JPG), ("b.jpg", JPG)]))
     second = 512 + -(-len(JPG) // 512) * 512  # b's header: after a's header and data
     assert data[second:second + 5] == b"b.jpg"
     data[second + 124:second + 136] = b"%011o\0" % (5 << 20)

@@ -27,39 +27,19 @@ from pipeline.manifest import (FOOTER_BYTES, MANIFEST_SCHEMA, ShardTotals, manif
 from pipeline.shards import READ_SIZE, ShardReadError, iter_shard, read_shard, write_shard
 from pipeline.storage import Location, Shard, list_shards, open_location, redact, redact_url, shard_name
 
-from .pipeline_fixtures import SECRETS, good_sample, secret_options
+from .pipeline_fixtures import SECRETS, good_sample, secret_options, special_member, tar_of
 
 
 # ---------------------------------------------------------------------- every member accounted for
-def _tar(entries: list[tuple[str, bytes | tarfile.TarInfo]]) -> bytes:
-    """A tar of (name, bytes) regular files and ready-made TarInfo entries (links, FIFOs, folders)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, content in entries:
-            if isinstance(content, tarfile.TarInfo):
-                tar.addfile(content)
-            else:
-                info = tarfile.TarInfo(name)
-                info.size = len(content)
-                tar.addfile(info, io.BytesIO(content))
-    return buffer.getvalue()
-
-
-def _special(name: str, kind: bytes, target: str = "") -> tuple[str, tarfile.TarInfo]:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = kind, target
-    return name, info
-
-
 def test_every_tar_member_is_part_of_a_sample_or_has_an_error_row():
     """Links, FIFOs, duplicates and members of a key met again later used to vanish or merge
     silently; each now lands in a sample or in an error row that names it."""
     a, b = good_sample("a", 1).members, good_sample("b", 2).members
-    data = _tar([("a.jpg", a["jpg"]), ("a.cls", a["cls"]), ("a.cls", b"again"),
-                 _special("dir", tarfile.DIRTYPE),  # folders are structure, not content
-                 _special("b.png", tarfile.SYMTYPE, "a.jpg"), ("b.cls", b["cls"]),
-                 _special("c.jpg", tarfile.LNKTYPE, "a.jpg"),
-                 _special("d.jpg", tarfile.FIFOTYPE),
+    data = tar_of([("a.jpg", a["jpg"]), ("a.cls", a["cls"]), ("a.cls", b"again"),
+                 special_member("dir", tarfile.DIRTYPE),  # folders are structure, not content
+                 special_member("b.png", tarfile.SYMTYPE, "a.jpg"), ("b.cls", b["cls"]),
+                 special_member("c.jpg", tarfile.LNKTYPE, "a.jpg"),
+                 special_member("d.jpg", tarfile.FIFOTYPE),
                  ("a.json", a["json"]),  # key a again, after other keys: not contiguous
                  ("e.png", b["png"])])
     contents = read_shard(data)
