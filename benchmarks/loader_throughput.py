@@ -2,7 +2,8 @@
 next to webdataset reading the original JPEG shards (what training reads today).
 
     DIFFPRESS_WEIGHTS=../shared/weights python -m benchmarks.loader_throughput \\
-        [--images 8] [--uqdm-images 4] [--uqdm-crop 0] [--workers 2] [--uqdm-codec uqdm-tiny-exact2]
+        [--images 8] [--uqdm-images 4] [--uqdm-crop 0] [--workers 2] [--uqdm-codec uqdm-tiny-exact2] \\
+        [--only REGEX] [--batch 4] [--out benchmarks/results/loader_throughput.json]
 
 Data: the dev photos (768x512; for UQDM optionally their central crops) as webdataset shards of
 JPEG quality 95, two photos a shard;
@@ -10,7 +11,9 @@ compressed by compress_bucket (private in-process Ray, 2 CPUs) with cdc-hp128 an
 Each setting reads its archive through DataLoader(num_workers=W, batch_size=None,
 persistent_workers=True) for two epochs: the first warms up (worker start, codec load), the
 second is measured. Settings: CDC steps 0 (the mean image), 1, 2, 4; UQDM prefixes of 1 to 5
-chunks (5 = lossless); webdataset's WebDataset(...).decode("rgb8") over the JPEG shards (read
+chunks (5 = lossless); CDC steps 0 with decode_on="device" (the workers decode latents,
+the measuring loop synthesizes batches of --batch with a Synthesizer on this machine's CPU,
+float32 and bf16 autocast: what a training loop without a GPU would do); webdataset's WebDataset(...).decode("rgb8") over the JPEG shards (read
 25 times over, as it is too fast to time on a few images).
 
 Where one image's time goes is measured in the main process on one thread: fetching its
@@ -26,6 +29,7 @@ import io
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +43,7 @@ from torch.utils.data import DataLoader
 from model.paths import DEV_PHOTOS
 from pipeline.archive import Archive, one_thread
 from pipeline.compress import CompressConfig, run_compress
-from pipeline.loader import ArchiveDataset
+from pipeline.loader import ArchiveDataset, collate_samples
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader_throughput.json"
 CDC_STEPS = (0, 1, 2, 4)
@@ -83,15 +87,20 @@ def jpeg_shards(count: int, folder: Path, crop: int = 0) -> list[str]:
     return urls
 
 
-def timed_epochs(loader: DataLoader, before_epoch=lambda epoch: None) -> dict:
+def hwc_images(item) -> list[torch.Tensor]:
+    """The H x W x 3 images of one loader item (an archive sample, or webdataset's tuple)."""
+    return [item["image"] if isinstance(item, dict) else item[1]]
+
+
+def timed_epochs(loader: DataLoader, before_epoch=lambda epoch: None, images_of=hwc_images) -> dict:
     """Two epochs; the second measured. Returns images, pixels and seconds of each."""
     epochs = []
     for epoch in range(2):
         before_epoch(epoch)
         started, images, pixels = time.perf_counter(), 0, 0
         for item in loader:
-            image = item["image"] if isinstance(item, dict) else item[1]
-            images, pixels = images + 1, pixels + image.shape[0] * image.shape[1]
+            for image in images_of(item):
+                images, pixels = images + 1, pixels + image.shape[0] * image.shape[1]
         epochs.append({"images": images, "pixels": pixels, "seconds": time.perf_counter() - started})
     warm, measured = epochs
     return {"warm_up_seconds": warm["seconds"], **measured, "images_per_s": measured["images"] / measured["seconds"],
@@ -102,6 +111,16 @@ def archive_loader(url: str, workers: int, **options) -> dict:
     dataset = ArchiveDataset(url, decode_batch=1, **options)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=True)
     return timed_epochs(loader, dataset.set_epoch)
+
+
+def device_loader(url: str, workers: int, batch: int, steps: int, autocast: torch.dtype | None) -> dict:
+    """decode_on="device": latents from the workers, batches synthesized in this loop."""
+    dataset = ArchiveDataset(url, steps=steps, decode_batch=batch, decode_on="device")
+    synthesize = dataset.synthesizer("cpu", autocast=autocast)
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=True,
+                        collate_fn=collate_samples)
+    return {**timed_epochs(loader, dataset.set_epoch, lambda batch: list(synthesize(batch))),
+            "main_process_torch_threads": torch.get_num_threads()}
 
 
 def webdataset_loader(urls: list[str], workers: int) -> dict:
@@ -138,49 +157,67 @@ def compress(urls: list[str], output: Path, codec: str) -> str:
     return str(output)
 
 
+def compress_archives(codecs: set, urls: list[str], root: Path, args: argparse.Namespace) -> dict[str, str]:
+    """The archives the chosen settings read ("cdc", "uqdm"), compressed on a private local Ray."""
+    with tempfile.TemporaryDirectory(prefix="bench-ray", dir="/tmp") as ray_dir:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=ray_dir, log_to_driver=False)
+        try:
+            archives = {"cdc": compress(urls, root / "cdc", "cdc-hp128")} if "cdc" in codecs else {}
+            if "uqdm" in codecs:
+                uqdm_urls = jpeg_shards(args.uqdm_images, root / "jpeg-uqdm", args.uqdm_crop)
+                archives["uqdm"] = compress(uqdm_urls, root / "uqdm", args.uqdm_codec)
+        finally:
+            ray.shutdown()
+    return archives
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8, help="dev photos for CDC and webdataset (default 8)")
     parser.add_argument("--uqdm-images", type=int, default=4, help="dev photos for UQDM (default 4)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--uqdm-codec", default="uqdm-tiny-exact2")
+    parser.add_argument("--batch", type=int, default=4, help="images per synthesis call, decode_on=device (default 4)")
+    parser.add_argument("--only", default="", help="measure only the settings whose names match this regex")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON report (default {RESULTS.name})")
     parser.add_argument("--uqdm-crop", type=int, default=0,
                         help="UQDM on central crops of this size (default 0: whole photos; it is slow on a CPU)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-loader") as folder, \
-            tempfile.TemporaryDirectory(prefix="bench-ray", dir="/tmp") as ray_dir:
+    with tempfile.TemporaryDirectory(prefix="bench-loader") as folder:
         root = Path(folder)
         urls = jpeg_shards(args.images, root / "jpeg")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=ray_dir, log_to_driver=False)
-        try:
-            cdc = compress(urls, root / "cdc", "cdc-hp128")
-            uqdm_urls = jpeg_shards(args.uqdm_images, root / "jpeg-uqdm", args.uqdm_crop)
-            uqdm = compress(uqdm_urls, root / "uqdm", args.uqdm_codec)
-        finally:
-            ray.shutdown()
         settings = {"webdataset jpeg (baseline)": (None, {})}
-        settings.update({f"cdc steps {steps}": (cdc, {"steps": steps}) for steps in CDC_STEPS})
-        settings.update({f"uqdm {n} chunk{'s' if n > 1 else ''}{' (lossless)' if n == 5 else ''}": (uqdm, {"chunks": n})
+        settings.update({f"cdc steps {steps}": ("cdc", {"steps": steps}) for steps in CDC_STEPS})
+        settings.update({f"cdc steps 0, decode_on=device{bf16}, batch {args.batch}":
+                         ("cdc", {"steps": 0, "device": True, "autocast": torch.bfloat16 if bf16 else None})
+                         for bf16 in ("", " bf16")})
+        settings.update({f"uqdm {n} chunk{'s' if n > 1 else ''}{' (lossless)' if n == 5 else ''}": ("uqdm", {"chunks": n})
                          for n in range(1, 6)})
+        settings = {name: value for name, value in settings.items() if re.search(args.only, name)}
+        archives = compress_archives({codec for codec, _ in settings.values()}, urls, root, args)
         results = {}
-        for name, (url, options) in settings.items():
+        for name, (codec, options) in settings.items():
             print(f"measuring {name} ...", flush=True)
-            if url is None:
+            if codec is None:
                 results[name] = webdataset_loader(urls, args.workers)
+            elif options.get("device"):
+                results[name] = {**device_loader(archives[codec], args.workers, args.batch, options["steps"],
+                                                 options["autocast"]), "options": str(options)}
             else:
-                results[name] = {**archive_loader(url, args.workers, **options),
-                                 "one_image_seconds": breakdown(url, options), "options": options}
+                results[name] = {**archive_loader(archives[codec], args.workers, **options),
+                                 "one_image_seconds": breakdown(archives[codec], options), "options": options}
     for name, gpu in gpu_codec_speeds().items():
-        results[name]["gpu_codec_decode"] = gpu
+        if name in results:
+            results[name]["gpu_codec_decode"] = gpu
     report = {"workers": args.workers, "images": args.images, "uqdm_images": args.uqdm_images,
               "uqdm_codec": args.uqdm_codec, "photo_size": "768x512",
               "uqdm_size": f"{args.uqdm_crop}x{args.uqdm_crop}" if args.uqdm_crop else "768x512", "cpu_cores": os.cpu_count(),
               "machine": platform.processor() or platform.machine(), "torch_threads_per_worker": 1,
               "results": results}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
     print(table(report))
-    print(f"JSON: {RESULTS}")
+    print(f"JSON: {args.out}")
 
 
 def table(report: dict) -> str:

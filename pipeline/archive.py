@@ -9,6 +9,7 @@
     archive.shards(); archive.shard_sizes() # committed shards, their image counts (Parquet footers)
     rows = archive.shard_records("part-0")  # a shard's rows, in blob order
     archive.decode_rows(rows[:8], steps=2)  # batched: adjacent records in one read, decompress_batch
+    archive.latents_of_rows(rows[:8])       # only the exact half (codec.decode_latents), for a Synthesizer
 
 A record is identified by (shard, key): keys are unique within a shard but may repeat across
 shards, as in webdataset datasets. Whole-archive readers (pipeline.decode, pipeline.loader,
@@ -42,6 +43,7 @@ import pyarrow as pa
 import torch
 
 from model import BitstreamError, Codec
+from model.codec import Latents
 from model.registry import WeightsNotInstalled, load_codec_for
 
 from .manifest import DATA_DIR, JOB_FILE, SUCCESS_FILE, CommittedShard, read_committed, read_manifest
@@ -308,6 +310,12 @@ class Archive(Mapping):
         options = self.decode_options(steps, chunks)
         return decompress(self.codec, self.fetch(rows, chunks), rows, options, self.url)
 
+    def latents_of_rows(self, rows: Sequence[dict], chunks: int | None = None) -> list[Latents]:
+        """Fetch records and run only the exact half of their decoding (codec.decode_latents): what
+        pipeline.loader.Synthesizer turns into images on a GPU."""
+        options = self.decode_options(chunks=chunks)
+        return decode_latents(self.codec, self.fetch(rows, chunks), rows, options, self.url)
+
 
 def decode_options(progressive: bool, what: str, steps: int | None, chunks: int | None) -> dict:
     """Codec options for `steps` and `chunks`, or a clear ArchiveError; `what` says whose streams these are."""
@@ -329,14 +337,25 @@ def decompress(codec: Codec, datas: Sequence[bytes], rows: Sequence[dict], optio
                url: str) -> list[np.ndarray]:
     """decompress_batch on one thread (CPU); a stream that does not decode raises ArchiveError naming
     its record (rows: the records' manifest rows, with "key" and "shard"; url: the archive's)."""
+    return _naming_damaged(codec, codec.decompress_batch, datas, rows, options, url)
+
+
+def decode_latents(codec: Codec, datas: Sequence[bytes], rows: Sequence[dict], options: Mapping,
+                   url: str) -> list[Latents]:
+    """decode_latents as decompress does decompress_batch: one thread, damaged streams named."""
+    return _naming_damaged(codec, codec.decode_latents, datas, rows, options, url)
+
+
+def _naming_damaged(codec: Codec, decode: Callable[..., list[R]], datas: Sequence[bytes], rows: Sequence[dict],
+                    options: Mapping, url: str) -> list[R]:
     with one_thread(codec.device):
         try:
-            return codec.decompress_batch(list(datas), **options)
+            return decode(list(datas), **options)
         except BitstreamError as exc:
             if len(datas) == 1:
                 raise ArchiveError(f"{_where(rows[0], url)} does not decode: {exc}") from exc
     # Which stream is damaged: decode them one by one to name it.
-    return [decompress(codec, [data], [row], options, url)[0] for data, row in zip(datas, rows)]
+    return [_naming_damaged(codec, decode, [data], [row], options, url)[0] for data, row in zip(datas, rows)]
 
 
 def _where(row: dict, url: str) -> str:

@@ -29,6 +29,16 @@ codec's decompress_batch (adjacent records in one ranged read, prefixes alone fo
 `chunks`), on `device` when one is given (e.g. "cuda:0"; with CUDA, use the spawn or forkserver
 start method, or do not touch CUDA in the main process before the workers fork).
 
+Decoding on the training GPU, `decode_on="device"`: the workers run only the exact half of
+decoding (entropy decoding, integer networks: cheap, CPU) and yield `latents` instead of
+`image`; a Synthesizer runs the float half batched on the GPU, in the training loop:
+
+    dataset = ArchiveDataset(url, decode_on="device", layout="CHW", dtype=torch.float32)
+    loader = DataLoader(dataset, batch_size=64, num_workers=4, collate_fn=collate_samples)
+    synthesize = dataset.synthesizer("cuda:0")     # optionally autocast=torch.bfloat16
+    for batch in loader:
+        images = synthesize(batch)                 # B x 3 x H x W on cuda:0 (a list if sizes differ)
+
 Rank and world size come from torch.distributed when it is initialized at construction, or
 from `rank` / `world_size`. Works with fork, spawn and forkserver workers, and with any fsspec
 URL; the dataset pickles small (URL, options, shard names and counts).
@@ -45,9 +55,12 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from model.codec import Latents
+
 from .archive import Archive
 
 EQUAL_LENGTHS = (None, "pad", "drop")
+DECODE_ON = ("worker", "device")
 LAYOUTS = ("HWC", "CHW")
 Piece = tuple[str, Sequence[int]]  # a shard and row numbers in its manifest
 
@@ -59,8 +72,9 @@ class ArchiveDataset(IterableDataset):
                  rank: int | None = None, world_size: int | None = None, equal_lengths: str | None = None,
                  decode_batch: int = 8, device: str | None = None, layout: str = "HWC",
                  dtype: torch.dtype = torch.uint8, transform: Callable[[torch.Tensor], object] | None = None,
-                 allow_incomplete: bool = False):
+                 allow_incomplete: bool = False, decode_on: str = "worker"):
         check_image_format(layout, dtype)
+        _check_decode_on(decode_on, device, transform)
         if equal_lengths not in EQUAL_LENGTHS:
             raise ValueError(f"equal_lengths must be one of {EQUAL_LENGTHS}, got {equal_lengths!r}")
         if decode_batch < 1 or shuffle_buffer < 1:
@@ -69,7 +83,7 @@ class ArchiveDataset(IterableDataset):
         self.steps, self.chunks, self.device, self.transform = steps, chunks, device, transform
         self.layout, self.dtype = layout, dtype
         self.shuffle, self.seed, self.shuffle_buffer, self.decode_batch = shuffle, seed, shuffle_buffer, decode_batch
-        self.equal_lengths, self.allow_incomplete = equal_lengths, allow_incomplete
+        self.equal_lengths, self.allow_incomplete, self.decode_on = equal_lengths, allow_incomplete, decode_on
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         archive = Archive(url, self.storage_options, allow_incomplete=allow_incomplete)
         archive.decode_options(steps, chunks)  # a setting this archive cannot take fails here, not in a worker
@@ -130,15 +144,28 @@ class ArchiveDataset(IterableDataset):
                                        np.random.default_rng([self.seed, epoch, self.rank, worker]))
         for batch in _batches(records, self.decode_batch):
             rows = _manifest_rows(archive, batch)
-            images = archive.decode_rows(rows, self.steps, self.chunks)
-            for row, image in zip(rows, images):
-                tensor = image_tensor(image, self.layout, self.dtype)
-                yield {"__key__": row["key"], "__shard__": row["shard"],
-                       "image": self.transform(tensor) if self.transform else tensor, "extras": row["extras"]}
+            if self.decode_on == "device":
+                field, decoded = "latents", archive.latents_of_rows(rows, self.chunks)
+            else:
+                field, decoded = "image", [self._image(image) for image in
+                                           archive.decode_rows(rows, self.steps, self.chunks)]
+            for row, item in zip(rows, decoded):
+                yield {"__key__": row["key"], "__shard__": row["shard"], field: item, "extras": row["extras"]}
             for shard, _ in batch:
                 left[shard] -= 1
                 if not left[shard]:
                     archive.forget(shard)
+
+    def _image(self, image: np.ndarray) -> object:
+        tensor = image_tensor(image, self.layout, self.dtype)
+        return self.transform(tensor) if self.transform else tensor
+
+    def synthesizer(self, device: str | torch.device | None = None, **options) -> Synthesizer:
+        """The Synthesizer for this dataset's latents (decode_on="device"), with its steps, layout
+        and dtype, on `device` (default: CUDA when present, else the CPU); options: autocast,
+        channels_last (see Synthesizer)."""
+        return Synthesizer(self.url, self.storage_options, device=device, steps=self.steps, layout=self.layout,
+                           dtype=self.dtype, allow_incomplete=self.allow_incomplete, **options)
 
     def _archive(self) -> Archive:
         """This process's reader (and codec), kept across epochs: persistent workers load the codec once."""
@@ -151,6 +178,44 @@ class ArchiveDataset(IterableDataset):
         return {**self.__dict__, "_reader": None}
 
 
+class Synthesizer:
+    """The float half of decoding, batched on one device: latents from ArchiveDataset(...,
+    decode_on="device") -> images there, as the workers would have decoded them (within the
+    codecs' tested pixel bound on another device or with autocast).
+
+    `synthesize(batch)` takes a collated batch (its "latents"), one sample, or a list of Latents,
+    and returns a B x ... tensor on the device (a list when the images differ in size).
+    `autocast` (e.g. torch.bfloat16) and `channels_last` are CDC's speed options."""
+
+    def __init__(self, url: str, storage_options: Mapping | None = None, *, device: str | torch.device | None = None,
+                 steps: int | None = None, layout: str = "CHW", dtype: torch.dtype = torch.uint8,
+                 autocast: torch.dtype | None = None, channels_last: bool = False, allow_incomplete: bool = False):
+        check_image_format(layout, dtype)
+        archive = Archive(url, storage_options, device=device, allow_incomplete=allow_incomplete)
+        self.options = archive.decode_options(steps)  # what this archive cannot take fails here
+        if autocast is not None or channels_last:
+            self.options.update(autocast=autocast, channels_last=channels_last)
+        self.codec, self.layout, self.dtype = archive.codec, layout, dtype  # the weights load now, not mid-epoch
+        self.device = self.codec.device
+
+    def __call__(self, batch: Mapping | Latents | Sequence[Latents]) -> torch.Tensor | list[torch.Tensor]:
+        latents = batch["latents"] if isinstance(batch, Mapping) else batch
+        latents = [latents] if isinstance(latents, Latents) else list(latents)
+        images = self.codec.synthesize_tensors(latents, **self.options)
+        return stack_if_equal([shaped(image, self.layout, self.dtype) for image in images])
+
+
+def _check_decode_on(decode_on: str, device: str | None, transform: Callable | None) -> None:
+    if decode_on not in DECODE_ON:
+        raise ValueError(f"decode_on must be one of {DECODE_ON}, got {decode_on!r}")
+    if decode_on == "device" and device is not None:
+        raise ValueError("with decode_on='device' the workers decode latents on their CPU: give the device "
+                         "to dataset.synthesizer(device) instead")
+    if decode_on == "device" and transform is not None:
+        raise ValueError("with decode_on='device' the images first exist on the device: apply the transform "
+                         "to the Synthesizer's output instead")
+
+
 def check_image_format(layout: str, dtype: torch.dtype) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -161,18 +226,24 @@ def check_image_format(layout: str, dtype: torch.dtype) -> None:
 def image_tensor(image: np.ndarray, layout: str = "HWC", dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     """A decoded H x W x 3 uint8 image as a tensor: HWC, or CHW (contiguous); uint8, or a float
     dtype scaled to [0, 1]."""
-    tensor = torch.from_numpy(image)
-    if layout == "CHW":
-        tensor = tensor.permute(2, 0, 1).contiguous()
-    return tensor if dtype == torch.uint8 else tensor.to(dtype).div_(255)
+    return shaped(torch.from_numpy(image).permute(2, 0, 1), layout, dtype)
+
+
+def shaped(image: torch.Tensor, layout: str, dtype: torch.dtype) -> torch.Tensor:
+    """A 3 x H x W uint8 tensor in `layout` (contiguous) and `dtype` (a float one scaled to [0, 1])."""
+    image = (image if layout == "CHW" else image.permute(1, 2, 0)).contiguous()
+    return image if dtype == torch.uint8 else image.to(dtype).div_(255)
 
 
 def collate_samples(samples: Sequence[dict]) -> dict:
     """A DataLoader batch of samples: lists of keys, shards and extras; images stacked into a
-    B x ... tensor when they share a shape, else a list (crop them in `transform` to stack)."""
-    return {"__key__": [s["__key__"] for s in samples], "__shard__": [s["__shard__"] for s in samples],
-            "image": stack_if_equal([sample["image"] for sample in samples]),
-            "extras": [s["extras"] for s in samples]}
+    B x ... tensor when they share a shape, else a list (crop them in `transform` to stack);
+    latents (decode_on="device") as a list, for the Synthesizer."""
+    batch = {"__key__": [s["__key__"] for s in samples], "__shard__": [s["__shard__"] for s in samples],
+             "extras": [s["extras"] for s in samples]}
+    if samples and "latents" in samples[0]:
+        return {**batch, "latents": [s["latents"] for s in samples]}
+    return {**batch, "image": stack_if_equal([sample["image"] for sample in samples])}
 
 
 def stack_if_equal(images: list) -> torch.Tensor | list:

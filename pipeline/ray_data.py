@@ -2,6 +2,7 @@
 
     records = read_archive("s3://bucket/out", storage_options, chunks=2)   # one read task per shard
     images = decode_records(records, batch_size=8)    # actors: one GPU each when the cluster has GPUs
+                                                      # (then the exact half runs on CPU actors first)
     for batch in images.iter_torch_batches(batch_size=32, collate_fn=TorchCollate(layout="CHW")): ...
 
 Record columns (RECORD_SCHEMA): shard, key, width, height, codec, weights_digest, chunks (the
@@ -14,10 +15,13 @@ iter_torch_batches (whose default conversion refuses string columns).
 
 The decoders load the codec named by the records' `codec` column (checking `weights_digest`)
 and decode through the same path as Archive.decode and the loader, so the pixels are the same.
+With GPU decoders (or split=True) decoding runs in two stages: LatentDecoder (CPU actors:
+`data` -> pickled `latents`), then LatentSynthesizer (GPU actors: `latents` -> `image`).
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -32,7 +36,7 @@ from ray.data.extensions import ArrowVariableShapedTensorArray
 from model import Codec
 from model.registry import WeightsNotInstalled, load_codec_for
 
-from .archive import Archive, ArchiveError, decode_options, decompress
+from .archive import Archive, ArchiveError, decode_latents, decode_options, decompress, one_thread
 from .compress import actor_pool, runtime_env
 from .loader import check_image_format, image_tensor, stack_if_equal
 from .manifest import MANIFEST_SCHEMA
@@ -101,14 +105,27 @@ class ArchiveDatasource(Datasource):
 
 
 def decode_records(records: ray.data.Dataset, steps: int | None = None, *, batch_size: int = 8,
-                   actors: int | None = None, gpus_per_actor: float | None = None, **map_args) -> ray.data.Dataset:
+                   actors: int | None = None, gpus_per_actor: float | None = None, split: bool | None = None,
+                   **map_args) -> ray.data.Dataset:
     """Decode read_archive's records with map_batches over a pool of decoder actors (one per GPU
     when the cluster has GPUs, else one per CPU; `actors` and `gpus_per_actor` choose).
-    `steps`: CDC's diffusion steps (UQDM's prefix was chosen when reading, with chunks)."""
+    `steps`: CDC's diffusion steps (UQDM's prefix was chosen when reading, with chunks).
+
+    `split` (default: when the decoders have GPUs) decodes in two stages, as the loader's
+    decode_on="device" does: the exact half (entropy decoding, integer networks) on CPU actors
+    using the CPUs the GPU actors leave, then the float half batched on the GPU actors."""
     count, gpus = actor_pool(actors, gpus_per_actor, "decoders")
-    return records.map_batches(RecordDecoder, fn_constructor_kwargs={"steps": steps}, batch_size=batch_size,
-                               batch_format="pyarrow", concurrency=count, num_cpus=1, num_gpus=gpus,
-                               **{"runtime_env": runtime_env(), **map_args})
+    options = {"batch_size": batch_size, "batch_format": "pyarrow", "runtime_env": runtime_env(), **map_args}
+    if not (gpus > 0 if split is None else split):
+        return records.map_batches(RecordDecoder, fn_constructor_kwargs={"steps": steps}, concurrency=count,
+                                   num_cpus=1, num_gpus=gpus, **options)
+    cpus_left = int(ray.cluster_resources().get("CPU", 0)) - count
+    if cpus_left < 1:
+        raise ArchiveError(f"decoding in two stages needs a CPU beside the {count} synthesis actors; the cluster "
+                           f"has {cpus_left + count}: lower actors")
+    latents = records.map_batches(LatentDecoder, concurrency=cpus_left, num_cpus=1, **options)
+    return latents.map_batches(LatentSynthesizer, fn_constructor_kwargs={"steps": steps}, concurrency=count,
+                               num_cpus=1, num_gpus=gpus, **options)
 
 
 class RecordDecoder:
@@ -126,17 +143,49 @@ class RecordDecoder:
                 raise ArchiveError(f"records were {error}") from None
         return self.codecs[name, digest]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        images: list[np.ndarray] = []
-        rows = batch.drop_columns(["data", "extras"]).to_pylist()
-        datas = batch["data"].to_pylist()
+    def groups(self, rows: list[dict]) -> Iterator[tuple[Codec, str, list[int]]]:
+        """(codec, a name for errors, row indices) of each run of rows of one codec and prefix."""
         for group in _runs(rows, lambda r: (r["codec"], r["weights_digest"], r["chunks"])):
             first = rows[group[0]]
-            codec = self.codec(first["codec"], first["weights_digest"])
-            options = decode_options(codec.progressive, f"records of {first['codec']}", self.steps, first["chunks"])
+            yield self.codec(first["codec"], first["weights_digest"]), f"records of {first['codec']}", group
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        images: list[np.ndarray] = []
+        rows, datas = batch.drop_columns(["data", "extras"]).to_pylist(), batch["data"].to_pylist()
+        for codec, what, group in self.groups(rows):
+            options = decode_options(codec.progressive, what, self.steps, rows[group[0]]["chunks"])
             images += decompress(codec, [datas[i] for i in group], [rows[i] for i in group], options,
-                                 url=f"a Dataset of {first['codec']} records")
+                                 url=f"a Dataset of {what}")
         return batch.drop_columns(["data"]).append_column("image", _tensor_column(images))
+
+
+class LatentDecoder(RecordDecoder):
+    """The exact half, on a CPU actor: `data` -> `latents` (the codec's Latents, pickled: they
+    are our own objects passing between our own stages)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        latents: list[bytes] = []
+        rows, datas = batch.drop_columns(["data", "extras"]).to_pylist(), batch["data"].to_pylist()
+        for codec, what, group in self.groups(rows):
+            options = decode_options(codec.progressive, what, None, rows[group[0]]["chunks"])
+            decoded = decode_latents(codec, [datas[i] for i in group], [rows[i] for i in group], options,
+                                     url=f"a Dataset of {what}")
+            latents += [pickle.dumps(item) for item in decoded]
+        return batch.drop_columns(["data"]).append_column("latents", pa.array(latents, pa.binary()))
+
+
+class LatentSynthesizer(RecordDecoder):
+    """The float half, batched on the actor's device: `latents` -> `image`."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        images: list[np.ndarray] = []
+        rows = batch.drop_columns(["latents", "extras"]).to_pylist()
+        latents = [pickle.loads(item) for item in batch["latents"].to_pylist()]
+        for codec, what, group in self.groups(rows):
+            options = decode_options(codec.progressive, what, self.steps, None)
+            with one_thread(codec.device):  # as decompress: the pixels of every other reader
+                images += codec.synthesize([latents[i] for i in group], **options)
+        return batch.drop_columns(["latents"]).append_column("image", _tensor_column(images))
 
 
 class TorchCollate(ArrowBatchCollateFn):

@@ -14,7 +14,7 @@ import torch
 from jobs import decode as decode_job
 from pipeline.archive import Archive, ArchiveError
 from pipeline.decode import decode_archive
-from pipeline.loader import ArchiveDataset
+from pipeline.loader import ArchiveDataset, Synthesizer
 from pipeline.manifest import manifest_path, read_manifest, write_table
 from pipeline.ray_data import TorchCollate, decode_records, read_archive
 from pipeline.storage import open_location
@@ -266,3 +266,29 @@ def test_a_blob_truncated_after_its_commit_is_refused_by_every_reader(cdc_archiv
     assert np.array_equal(Archive(str(copy)).decode("p"), Archive(str(cdc_archive)).decode("p"))  # the rest reads
     with pytest.raises(ArchiveError, match="ends before"):
         list(ArchiveDataset(str(copy), shards=["c-000"]))
+
+
+def test_latents_of_a_uqdm_archive_synthesize_to_its_exact_prefix_images(uqdm_archive, uqdm):
+    """UQDM's exact half is its whole decode: the Synthesizer only moves the pixels; steps are refused."""
+    archive = Archive(str(uqdm_archive), codec=uqdm)
+    rows = archive.shard_records("u-000")
+    synthesize = Synthesizer(str(uqdm_archive), device="cpu", layout="HWC")
+    images = synthesize(archive.latents_of_rows(rows, chunks=2))
+    assert isinstance(images, list)  # two sizes: not stacked
+    for row, image in zip(rows, images):
+        assert np.array_equal(image.numpy(), archive.decode(row["key"], chunks=2, shard="u-000"))
+    with pytest.raises(ArchiveError, match="choose the prefix with chunks"):
+        Synthesizer(str(uqdm_archive), steps=2)
+
+
+def test_ray_data_in_two_stages_decodes_what_archive_decode_decodes(cdc_archive, uqdm_archive):
+    """split=True (the default with GPU decoders): latents on CPU actors, then batched synthesis."""
+    archive = Archive(str(cdc_archive))
+    rows = decode_records(read_archive(str(cdc_archive)), steps=1, batch_size=3, actors=1, split=True).take_all()
+    assert len(rows) == 5 and not {"data", "latents"} & rows[0].keys()
+    for row in rows:
+        assert np.array_equal(row["image"], archive.decode(row["key"], steps=1, shard=row["shard"]))
+        assert dict(row["extras"]) == archive.record(row["key"], row["shard"])["extras"]
+    prefixes = decode_records(read_archive(str(uqdm_archive), chunks=2), actors=1, split=True).take_all()
+    reader = Archive(str(uqdm_archive))
+    assert all(np.array_equal(r["image"], reader.decode(r["key"], chunks=2, shard=r["shard"])) for r in prefixes)

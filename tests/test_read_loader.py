@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.archive import Archive
+from pipeline.archive import Archive, one_thread
 from pipeline.loader import ArchiveDataset, collate_samples
 
 from .pipeline_fixtures import local_ray  # noqa: F401 - fixture
@@ -114,3 +114,31 @@ def test_loader_pixels_are_archive_decode_pixels(archive):
         assert np.array_equal(item["image"].numpy(), reader.decode(item["__key__"], steps=1, shard=item["__shard__"]))
         seen += 1
     assert seen == 4
+
+
+def test_decode_on_device_workers_yield_latents_the_synthesizer_turns_into_the_workers_pixels(archive):
+    """decode_on="device": workers run only the exact half, the Synthesizer the float half in one
+    batch; on one thread, bit for bit what decode_on="worker" gives, in the chosen layout/dtype."""
+    reader = Archive(archive)
+    dataset = ArchiveDataset(archive, steps=1, shards=["s0", "s3"], decode_on="device", decode_batch=2,
+                             layout="CHW", dtype=torch.float32)
+    synthesize = dataset.synthesizer("cpu")
+    seen = 0
+    for batch in DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_samples):
+        assert "image" not in batch and len(batch["latents"]) == len(batch["__key__"])
+        with one_thread(synthesize.device):
+            images = synthesize(batch)
+        assert images.shape == (len(batch["__key__"]), 3, 32, 40) and images.dtype == torch.float32
+        for key, shard, image in zip(batch["__key__"], batch["__shard__"], images):
+            expected = torch.from_numpy(reader.decode(key, steps=1, shard=shard)).permute(2, 0, 1) / 255
+            assert torch.equal(image, expected), key
+            seen += 1
+    assert seen == 6
+
+
+def test_decode_on_device_refuses_what_belongs_on_the_device(archive):
+    for options, message in (({"decode_on": "gpu"}, "decode_on must be one of"),
+                             ({"decode_on": "device", "device": "cpu"}, r"dataset.synthesizer\(device\)"),
+                             ({"decode_on": "device", "transform": torch.flip}, "Synthesizer's output")):
+        with pytest.raises(ValueError, match=message):
+            ArchiveDataset(archive, **options)
