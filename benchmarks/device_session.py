@@ -1,13 +1,17 @@
 """The prepared script for a lent GPU: exactness across devices, speed, and a training run.
 
-    python -m benchmarks.device_session prepare            # here (CPU): streams + expected pixels
+    python -m benchmarks.device_session prepare            # here (CPU): streams, expected pixels,
+                                                           # a 256x256 archive, the wheels (.whl)
     bash benchmarks/device_session.sh                      # there (GPU), through the device tool
+                                                           # (carry: [".gpu", ".whl"])
     python -m benchmarks.device_session collect DIR        # here: decode the GPU's streams on the CPU
 
 `prepare` encodes test crops with every codec on this CPU and records the sha256 of every
 decode (UQDM: each prefix; CDC: the symbols, 0 and 2 steps). `check` (on the GPU) decodes
 those streams there and compares, encodes the same crops on the GPU and compares the
-bytes, writes its own streams for `collect`, and times encode and decode of a dev photo.
+bytes, writes its own streams for `collect`, times encode and decode of a dev photo, the
+batched synthesis of 768x512 latents (float32, bf16), and the loader with decode_on="device"
+(4 CPU workers decoding latents, synthesis on the GPU) over the prepared 256x256 archive.
 `train` runs the CDC stages for a time budget and saves the weights back.
 Results: benchmarks/results/device_*.json.
 """
@@ -18,6 +22,9 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -32,6 +39,14 @@ from model.images import decode_image
 log = logging.getLogger("benchmarks.device_session")
 HERE = Path(__file__).resolve().parents[1]
 STREAMS = HERE / ".gpu" / "streams"
+ARCHIVE = HERE / ".gpu" / "archive"  # 256x256 crops compressed with cdc-hp128:q3, for the loader
+WHEELS = HERE / ".whl"
+# what the GPU machine lacks (it has torch and no network): constriction, pytorch-msssim, compressai's sdist
+WHEEL_SPECS = (["constriction", "pytorch-msssim"], ["--no-binary", ":all:", "compressai==1.2.8"])
+ARCHIVE_CROPS, CROP = 64, 256
+LOADER_BATCH, LOADER_WORKERS, LOADER_EPOCHS = 64, 4, 6
+SYNTHESIS_BATCH = 8
+PHOTO_BYTES = 40 << 20
 WEIGHTS = HERE / ".gpu" / "weights"
 CODECS = ("uqdm-tiny-exact2", "cdc-hp128:q3")
 
@@ -63,6 +78,7 @@ def _pixels(codec, data: bytes) -> dict[str, np.ndarray]:
 
 
 def prepare() -> None:
+    _prepare_weights_and_photos()
     STREAMS.mkdir(parents=True, exist_ok=True)
     expected = {}
     for name in CODECS:
@@ -75,6 +91,54 @@ def prepare() -> None:
             np.save(STREAMS / f"{path.stem}.npy", np.stack(list(_pixels(codec, data).values())))
     (STREAMS / "expected.json").write_text(json.dumps(expected, indent=1))
     print(json.dumps(expected, indent=1))
+    _prepare_archive()
+    for spec in WHEEL_SPECS:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(WHEELS), *spec], check=True)
+
+
+def _prepare_weights_and_photos() -> None:
+    """The imported UQDM weights in .gpu/weights; training photos up to PHOTO_BYTES (the tool
+    carries 64 MiB in all) in .gpu/photos; one dev photo where _speed looks for it there."""
+    from model.paths import DEV_PHOTOS, TRAIN_PHOTOS, UQDM_TINY_SOURCE
+    from model.registry import save_weights
+    from model.uqdm.importer import EXACT_NAME, import_exact
+    weights = WEIGHTS / f"{EXACT_NAME}.safetensors"
+    if not weights.exists():
+        save_weights(import_exact(UQDM_TINY_SOURCE), weights)
+    os.environ["DIFFPRESS_WEIGHTS"] = str(WEIGHTS)
+    photos, used = HERE / ".gpu" / "photos", 0
+    photos.mkdir(parents=True, exist_ok=True)
+    for path in sorted(TRAIN_PHOTOS.iterdir()):
+        if used + path.stat().st_size <= PHOTO_BYTES:
+            shutil.copyfile(path, photos / path.name)
+            used += path.stat().st_size
+    dev = HERE / ".gpu" / "shared" / "data" / "photos" / "dev"
+    dev.mkdir(parents=True, exist_ok=True)
+    first = sorted(DEV_PHOTOS.glob("*.png"))[0]
+    shutil.copyfile(first, dev / first.name)
+
+
+def _prepare_archive() -> None:
+    """ARCHIVE_CROPS crops of CROP x CROP from the dev photos as webdataset shards, compressed."""
+    import tempfile
+
+    import ray
+    import webdataset
+
+    from model.paths import DEV_PHOTOS
+    from pipeline.compress import CompressConfig, run_compress
+    photos = [decode_image(p.read_bytes())[0] for p in sorted(DEV_PHOTOS.glob("*.png"))]
+    crops = [photo[top:top + CROP, left:left + CROP] for photo in photos
+             for top in range(0, photo.shape[0] - CROP + 1, CROP) for left in range(0, photo.shape[1] - CROP + 1, CROP)]
+    with tempfile.TemporaryDirectory() as folder:
+        with webdataset.TarWriter(f"{folder}/crops-000.tar", mtime=0) as writer:
+            for number, crop in enumerate(crops[:ARCHIVE_CROPS]):
+                writer.write({"__key__": f"{number:04d}", "png": crop})
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            run_compress(CompressConfig([f"{folder}/crops-000.tar"], str(ARCHIVE), "cdc-hp128:q3", actors=2))
+        finally:
+            ray.shutdown()
 
 
 def check(out: Path) -> dict:
@@ -100,6 +164,8 @@ def check(out: Path) -> dict:
         (out / "device_check.json").write_text(json.dumps(report, indent=1))  # kept if a later step is cut off
         report["speed"][name] = _speed(codec)
         (out / "device_check.json").write_text(json.dumps(report, indent=1))
+    report["loader_decode_on_device"] = _loader_speed()
+    (out / "device_check.json").write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -121,7 +187,53 @@ def _speed(codec) -> dict:
         codec.decompress(data, **option)
         _sync()
         timings["decode_mp_s_" + "_".join(f"{k}{v}" for k, v in option.items())] = megapixels / (time.perf_counter() - started)
+    if not codec.progressive:
+        timings.update(_synthesis_speed(codec, data, megapixels))
     return timings
+
+
+def _synthesis_speed(codec, data: bytes, megapixels: float) -> dict:
+    """decode_latents (images/s, here) and synthesize of SYNTHESIS_BATCH latents a call (MP/s),
+    float32 and bf16 + channels_last, and how far bf16's pixels are from float32's."""
+    started = time.perf_counter()
+    latents = codec.decode_latents([data] * SYNTHESIS_BATCH)
+    out = {"decode_latents_images_s": SYNTHESIS_BATCH / (time.perf_counter() - started)}
+    reference = None
+    for name, options in (("float32", {}), ("bf16", {"autocast": torch.bfloat16, "channels_last": True})):
+        codec.synthesize_tensors(latents, steps=0, **options)  # warm-up
+        _sync()
+        started = time.perf_counter()
+        images = codec.synthesize_tensors(latents, steps=0, **options)
+        _sync()
+        out[f"synthesize_mp_s_{name}_batch{SYNTHESIS_BATCH}"] = SYNTHESIS_BATCH * megapixels / (time.perf_counter() - started)
+        pixels = torch.stack(images).short()
+        reference = pixels if reference is None else reference
+        out[f"synthesize_{name}_levels_from_float32"] = int((pixels - reference).abs().max())
+    return out
+
+
+def _loader_speed() -> dict:
+    """Images/s a training loop gets from ArchiveDataset(decode_on="device") over ARCHIVE: 4 CPU
+    workers decode latents, the GPU synthesizes (bf16) batches of LOADER_BATCH; the first epoch
+    warms up."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.loader import ArchiveDataset, collate_samples
+    dataset = ArchiveDataset(str(ARCHIVE), steps=0, decode_on="device", decode_batch=16)
+    synthesize = dataset.synthesizer(autocast=torch.bfloat16, channels_last=True)
+    loader = DataLoader(dataset, batch_size=LOADER_BATCH, num_workers=LOADER_WORKERS, collate_fn=collate_samples,
+                        persistent_workers=True, multiprocessing_context="spawn")
+    seconds, images = [], 0
+    for epoch in range(LOADER_EPOCHS):
+        dataset.set_epoch(epoch)
+        started = time.perf_counter()
+        for batch in loader:
+            count = len(synthesize(batch))
+            images += count if epoch else 0
+        _sync()
+        seconds.append(time.perf_counter() - started)
+    return {"images_s": images / sum(seconds[1:]), "image": f"{CROP}x{CROP}", "workers": LOADER_WORKERS,
+            "batch": LOADER_BATCH, "epoch_seconds": seconds, "device": str(synthesize.device)}
 
 
 def _sync() -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine through the device tool, from the repository root; results under $OUT.
-# Carry: .whl (constriction, pytorch-msssim wheels, compressai's sdist), .gpu (weights, streams, photos).
+# Carry: .whl (constriction, pytorch-msssim wheels, compressai's sdist), .gpu (weights, streams, photos, a 256x256
+# archive): `python -m benchmarks.device_session prepare` makes both here; run with carry [".gpu", ".whl"].
 # See benchmarks/device_session.py for what each step measures.
 set -u
 export PYTHONUNBUFFERED=1 DIFFPRESS_WEIGHTS=$PWD/.gpu/weights DIFFPRESS_SHARED=$PWD/.gpu/shared

@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from model.paths import DEV_PHOTOS
-from pipeline.archive import Archive, one_thread
+from pipeline.archive import Archive, torch_threads
 from pipeline.compress import CompressConfig, run_compress
 from pipeline.loader import ArchiveDataset, collate_samples
 
@@ -141,7 +141,7 @@ def breakdown(url: str, options: dict) -> dict:
     archive.decode_rows([row], **options)
     out["decode"] = time.perf_counter() - started
     if not codec.progressive:
-        with one_thread(codec.device):
+        with torch_threads(codec.device):
             started = time.perf_counter()
             codec.decode_symbols(data)
             out["entropy_and_hyperprior"] = time.perf_counter() - started

@@ -21,9 +21,11 @@ missing raises ArchiveError (or only warns with allow_incomplete=True) rather th
 fewer images than the run counted. Records are located by the archive's own layout
 (data/<basename of data_url>), so an archive still reads after being copied or moved.
 
-CPU decoding runs torch on one thread, as encoding does: the float decoders (CDC) give
-pixels that depend on the thread count, and every reader here must give the same pixels;
-parallelism comes from loader workers and Ray actors.
+Threads: the float decoders (CDC) give pixels that depend on torch's thread count, within
+the codecs' tested bound of two levels. An Archive decodes with torch's threads (all cores
+by default: the fastest way to decode one key); `threads=1` gives bit for bit the pixels
+of the parallel readers (loader workers, decode actors, Ray Data), which decode on one
+thread each since their parallelism is across processes.
 """
 
 from __future__ import annotations
@@ -83,8 +85,11 @@ class Archive(Mapping):
     __hash__ = object.__hash__
 
     def __init__(self, url: str, storage_options: Mapping | None = None, codec: Codec | None = None,
-                 device: str | torch.device | None = None, allow_incomplete: bool = False):
-        self.url = url
+                 device: str | torch.device | None = None, allow_incomplete: bool = False,
+                 threads: int | None = None):
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1 (or None: torch's setting), got {threads!r}")
+        self.url, self.threads = url, threads
         self.location = open_location(url, storage_options)
         if not self.location.exists(JOB_FILE):
             raise ArchiveError(f"{url} is not a compress_bucket archive (no {JOB_FILE})")
@@ -308,13 +313,13 @@ class Archive(Mapping):
     def decode_rows(self, rows: Sequence[dict], steps: int | None = None, chunks: int | None = None) -> list[np.ndarray]:
         """Fetch and decode records (manifest rows) in one batch: HxWx3 uint8 images."""
         options = self.decode_options(steps, chunks)
-        return decompress(self.codec, self.fetch(rows, chunks), rows, options, self.url)
+        return decompress(self.codec, self.fetch(rows, chunks), rows, options, self.url, self.threads)
 
     def latents_of_rows(self, rows: Sequence[dict], chunks: int | None = None) -> list[Latents]:
         """Fetch records and run only the exact half of their decoding (codec.decode_latents): what
         pipeline.loader.Synthesizer turns into images on a GPU."""
         options = self.decode_options(chunks=chunks)
-        return decode_latents(self.codec, self.fetch(rows, chunks), rows, options, self.url)
+        return decode_latents(self.codec, self.fetch(rows, chunks), rows, options, self.url, self.threads)
 
 
 def decode_options(progressive: bool, what: str, steps: int | None, chunks: int | None) -> dict:
@@ -334,28 +339,29 @@ def decode_options(progressive: bool, what: str, steps: int | None, chunks: int 
 
 
 def decompress(codec: Codec, datas: Sequence[bytes], rows: Sequence[dict], options: Mapping,
-               url: str) -> list[np.ndarray]:
-    """decompress_batch on one thread (CPU); a stream that does not decode raises ArchiveError naming
-    its record (rows: the records' manifest rows, with "key" and "shard"; url: the archive's)."""
-    return _naming_damaged(codec, codec.decompress_batch, datas, rows, options, url)
+               url: str, threads: int | None = 1) -> list[np.ndarray]:
+    """decompress_batch on `threads` torch threads (CPU; None: as set); a stream that does not decode
+    raises ArchiveError naming its record (rows: the records' manifest rows, with "key" and "shard";
+    url: the archive's)."""
+    return _naming_damaged(codec, codec.decompress_batch, datas, rows, options, url, threads)
 
 
 def decode_latents(codec: Codec, datas: Sequence[bytes], rows: Sequence[dict], options: Mapping,
-                   url: str) -> list[Latents]:
-    """decode_latents as decompress does decompress_batch: one thread, damaged streams named."""
-    return _naming_damaged(codec, codec.decode_latents, datas, rows, options, url)
+                   url: str, threads: int | None = 1) -> list[Latents]:
+    """decode_latents as decompress does decompress_batch (exact: the same latents on any thread count)."""
+    return _naming_damaged(codec, codec.decode_latents, datas, rows, options, url, threads)
 
 
 def _naming_damaged(codec: Codec, decode: Callable[..., list[R]], datas: Sequence[bytes], rows: Sequence[dict],
-                    options: Mapping, url: str) -> list[R]:
-    with one_thread(codec.device):
+                    options: Mapping, url: str, threads: int | None) -> list[R]:
+    with torch_threads(codec.device, threads):
         try:
             return decode(list(datas), **options)
         except BitstreamError as exc:
             if len(datas) == 1:
                 raise ArchiveError(f"{_where(rows[0], url)} does not decode: {exc}") from exc
     # Which stream is damaged: decode them one by one to name it.
-    return [_naming_damaged(codec, decode, [data], [row], options, url)[0] for data, row in zip(datas, rows)]
+    return [_naming_damaged(codec, decode, [data], [row], options, url, threads)[0] for data, row in zip(datas, rows)]
 
 
 def _where(row: dict, url: str) -> str:
@@ -363,17 +369,18 @@ def _where(row: dict, url: str) -> str:
 
 
 @contextlib.contextmanager
-def one_thread(device: torch.device) -> Iterator[None]:
-    """torch on one thread while decoding on a CPU (see the module docstring), then as before."""
-    if device.type != "cpu":
+def torch_threads(device: torch.device, threads: int | None = 1) -> Iterator[None]:
+    """torch on `threads` threads while decoding on a CPU (see the module docstring), then as before;
+    None changes nothing."""
+    if device.type != "cpu" or threads is None:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
 
 
 def _parallel(function: Callable[[T], R], items: Sequence[T]) -> list[R]:

@@ -220,7 +220,7 @@ class ShardDecoder:
 
     def __init__(self, config: DecodeConfig, settings: dict, allow_incomplete: bool):
         self.config, self.settings = config, settings
-        self.archive = Archive(config.url, config.storage_options, allow_incomplete=allow_incomplete)
+        self.archive = Archive(config.url, config.storage_options, allow_incomplete=allow_incomplete, threads=1)
         self.target = open_location(config.to, config.storage_options)
 
     def decode_shard(self, shard: str, rows: list[int] | None) -> Iterator[int | dict]:

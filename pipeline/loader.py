@@ -170,7 +170,9 @@ class ArchiveDataset(IterableDataset):
     def _archive(self) -> Archive:
         """This process's reader (and codec), kept across epochs: persistent workers load the codec once."""
         if self._reader is None or self._reader[0] != os.getpid():
-            self._reader = (os.getpid(), Archive(self.url, self.storage_options, device=self.device,
+            # decode_on="device": the exact half on this worker's CPU, whatever GPU the machine has
+            device = self.device if self.decode_on == "worker" else "cpu"
+            self._reader = (os.getpid(), Archive(self.url, self.storage_options, device=device, threads=1,
                                                  allow_incomplete=self.allow_incomplete))
         return self._reader[1]
 

@@ -36,7 +36,7 @@ from ray.data.extensions import ArrowVariableShapedTensorArray
 from model import Codec
 from model.registry import WeightsNotInstalled, load_codec_for
 
-from .archive import Archive, ArchiveError, decode_latents, decode_options, decompress, one_thread
+from .archive import Archive, ArchiveError, decode_latents, decode_options, decompress, torch_threads
 from .compress import actor_pool, runtime_env
 from .loader import check_image_format, image_tensor, stack_if_equal
 from .manifest import MANIFEST_SCHEMA
@@ -183,7 +183,7 @@ class LatentSynthesizer(RecordDecoder):
         latents = [pickle.loads(item) for item in batch["latents"].to_pylist()]
         for codec, what, group in self.groups(rows):
             options = decode_options(codec.progressive, what, self.steps, None)
-            with one_thread(codec.device):  # as decompress: the pixels of every other reader
+            with torch_threads(codec.device):  # one thread, as decompress: the pixels of every other reader
                 images += codec.synthesize([latents[i] for i in group], **options)
         return batch.drop_columns(["latents"]).append_column("image", _tensor_column(images))
 

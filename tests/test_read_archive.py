@@ -21,6 +21,8 @@ from pipeline.storage import open_location
 
 from .pipeline_fixtures import local_ray  # noqa: F401 - fixture
 from .read_fixtures import compress, copy_archive, counting_fs, sample, sources, write_shards
+from .test_decode_split import levels_apart
+from .test_portability import PIXEL_BOUND
 
 UQDM_SHARDS = {"u-000": [sample("a", 1), sample("b", 2, (40, 24))], "u-001": [sample("c", 3)]}
 # "dup" is in both shards: allowed across shards, as in webdataset datasets (issue 8.3)
@@ -156,7 +158,7 @@ def test_same_key_in_two_shards_whole_archive_readers_read_both(cdc_archive, tmp
 
 def test_ray_data_decodes_what_archive_decode_decodes(cdc_archive, uqdm_archive, uqdm):
     """read_archive + decode_records (actor pool): the same pixels as Archive.decode, extras as bytes."""
-    archive = Archive(str(cdc_archive))
+    archive = Archive(str(cdc_archive), threads=1)
     rows = decode_records(read_archive(str(cdc_archive)), steps=1, batch_size=2).take_all()
     assert len(rows) == 5 and "data" not in rows[0]
     for row in rows:
@@ -169,7 +171,7 @@ def test_ray_data_decodes_what_archive_decode_decodes(cdc_archive, uqdm_archive,
 
 def test_ray_data_records_iterate_as_torch_batches(cdc_archive):
     """iter_torch_batches with TorchCollate: string columns and extras pass as lists, images as CHW tensors."""
-    archive = Archive(str(cdc_archive))
+    archive = Archive(str(cdc_archive), threads=1)
     images = decode_records(read_archive(str(cdc_archive), shards=["c-000"]), batch_size=2)
     batches = list(images.iter_torch_batches(batch_size=3, collate_fn=TorchCollate(layout="CHW")))
     assert sum(len(b["key"]) for b in batches) == 3
@@ -283,7 +285,7 @@ def test_latents_of_a_uqdm_archive_synthesize_to_its_exact_prefix_images(uqdm_ar
 
 def test_ray_data_in_two_stages_decodes_what_archive_decode_decodes(cdc_archive, uqdm_archive):
     """split=True (the default with GPU decoders): latents on CPU actors, then batched synthesis."""
-    archive = Archive(str(cdc_archive))
+    archive = Archive(str(cdc_archive), threads=1)
     rows = decode_records(read_archive(str(cdc_archive)), steps=1, batch_size=3, actors=1, split=True).take_all()
     assert len(rows) == 5 and not {"data", "latents"} & rows[0].keys()
     for row in rows:
@@ -292,3 +294,18 @@ def test_ray_data_in_two_stages_decodes_what_archive_decode_decodes(cdc_archive,
     prefixes = decode_records(read_archive(str(uqdm_archive), chunks=2), actors=1, split=True).take_all()
     reader = Archive(str(uqdm_archive))
     assert all(np.array_equal(r["image"], reader.decode(r["key"], chunks=2, shard=r["shard"])) for r in prefixes)
+
+
+def test_an_archive_decodes_on_all_threads_within_the_pixel_bound_of_the_one_thread_readers(cdc_archive):
+    """threads=None (the default) uses torch's threads; threads=1 gives the parallel readers' pixels."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one, every = Archive(str(cdc_archive), threads=1), Archive(str(cdc_archive))
+        for key in ("p", "q"):
+            assert levels_apart([every.decode(key, steps=1)], [one.decode(key, steps=1)]) <= PIXEL_BOUND
+            assert torch.get_num_threads() == 2  # restored after the one-thread decode
+    finally:
+        torch.set_num_threads(saved)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        Archive(str(cdc_archive), threads=0)

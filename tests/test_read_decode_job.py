@@ -48,7 +48,7 @@ def test_keys_used_as_file_paths_stay_inside_to_apart_and_reversible(archive, tm
     assert sorted(commit["files"].values()) == sorted(HOSTILE_KEYS) and commit["written"] == len(HOSTILE_KEYS)
     written = {p.name for p in (to / "hostile").iterdir()}
     assert written == set(commit["files"]) | set(commit["extras"]) and len(commit["files"]) == len(HOSTILE_KEYS)
-    reader = Archive(str(archive))
+    reader = Archive(str(archive), threads=1)
     for name, key in commit["files"].items():
         assert name == f"{safe_name(key)}.png" and "/" not in name and not name.startswith((".", "-"))
         assert len(name) <= MAX_NAME + 4
@@ -71,7 +71,7 @@ def test_png_output_writes_each_records_extras_beside_its_image(archive, tmp_pat
         assert (to / "plain" / f"{key}.json").read_bytes() == originals[key]["json"]
     assert (to / "plain" / "masked.png").read_bytes() == MASK
     assert np.array_equal(png_pixels((to / "plain" / "masked.decoded.png").read_bytes()),
-                          Archive(str(archive)).decode("masked", steps=0, shard="plain"))
+                          Archive(str(archive), threads=1).decode("masked", steps=0, shard="plain"))
     commit = json.loads((to / commit_path("plain")).read_text())
     assert commit["files"] == {"b.png": "b", "masked.decoded.png": "masked", "m0.png": "m0"}
     assert commit["extras"]["masked.png"] == "masked" and commit["extras"]["b.cls"] == "b"
@@ -88,7 +88,7 @@ def test_keys_used_as_file_paths_wds_keeps_true_keys_of_any_length(archive, tmp_
     originals = {s["__key__"]: s for s in SHARDS["hostile"]}
     for item in contents.samples:
         assert item.members["cls"] == originals[item.key]["cls"] and item.members["json"] == originals[item.key]["json"]
-        assert np.array_equal(png_pixels(item.members["png"]), Archive(str(archive)).decode(item.key, steps=0,
+        assert np.array_equal(png_pixels(item.members["png"]), Archive(str(archive), threads=1).decode(item.key, steps=0,
                                                                                               shard="hostile"))
 
 
@@ -99,7 +99,7 @@ def test_png_extra_never_overwrites_the_decoded_image(archive, tmp_path):
         members = {m.name: tar.extractfile(m).read() for m in tar}
     assert members["masked.png"] == MASK
     image = png_pixels(members["masked.decoded.png"])
-    assert np.array_equal(image, Archive(str(archive)).decode("masked", steps=0, shard="plain"))
+    assert np.array_equal(image, Archive(str(archive), threads=1).decode("masked", steps=0, shard="plain"))
     assert not np.array_equal(image, png_pixels(MASK))
     assert {"masked.cls", "masked.json", "b.png", "m0.png"} <= set(members)
     commit = json.loads((tmp_path / "wds" / commit_path("plain")).read_text())
@@ -146,7 +146,7 @@ def test_every_reader_gives_the_same_pixels(archive, tmp_path):
     """Archive.decode, jobs.decode, the loader (2 workers) and Ray Data: bit-identical, with
     diffusion steps (float decoders, whose pixels would follow the thread count)."""
     shard = "plain"
-    reader = Archive(str(archive))
+    reader = Archive(str(archive), threads=1)
     expected = {row["key"]: reader.decode(row["key"], steps=1, shard=shard) for row in reader.shard_records(shard)}
     assert decode_job.main(["--input", str(archive), "--to", str(tmp_path / "png"), "--steps", "1",
                             "--shards", shard, "--batch-size", "2"]) == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.archive import Archive, one_thread
+from pipeline.archive import Archive, torch_threads
 from pipeline.loader import ArchiveDataset, collate_samples
 
 from .pipeline_fixtures import local_ray  # noqa: F401 - fixture
@@ -106,7 +106,7 @@ def test_chw_and_float_images_are_the_decoded_pixels_in_torchvisions_convention(
 
 def test_loader_pixels_are_archive_decode_pixels(archive):
     """Workers (fork, one thread each) give exactly Archive.decode's pixels, also with diffusion steps."""
-    reader = Archive(archive)
+    reader = Archive(archive, threads=1)
     loader = DataLoader(ArchiveDataset(archive, steps=1, shards=["s1", "s3"], decode_batch=3), batch_size=None,
                         num_workers=2)
     seen = 0
@@ -119,14 +119,14 @@ def test_loader_pixels_are_archive_decode_pixels(archive):
 def test_decode_on_device_workers_yield_latents_the_synthesizer_turns_into_the_workers_pixels(archive):
     """decode_on="device": workers run only the exact half, the Synthesizer the float half in one
     batch; on one thread, bit for bit what decode_on="worker" gives, in the chosen layout/dtype."""
-    reader = Archive(archive)
+    reader = Archive(archive, threads=1)
     dataset = ArchiveDataset(archive, steps=1, shards=["s0", "s3"], decode_on="device", decode_batch=2,
                              layout="CHW", dtype=torch.float32)
     synthesize = dataset.synthesizer("cpu")
     seen = 0
     for batch in DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_samples):
         assert "image" not in batch and len(batch["latents"]) == len(batch["__key__"])
-        with one_thread(synthesize.device):
+        with torch_threads(synthesize.device):
             images = synthesize(batch)
         assert images.shape == (len(batch["__key__"]), 3, 32, 40) and images.dtype == torch.float32
         for key, shard, image in zip(batch["__key__"], batch["__shard__"], images):
