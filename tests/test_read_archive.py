@@ -266,8 +266,9 @@ def test_a_blob_truncated_after_its_commit_is_refused_by_every_reader(cdc_archiv
     with pytest.raises(ArchiveError, match="ends before"):
         Archive(str(copy)).decode("q")  # the shard's last record
     assert np.array_equal(Archive(str(copy)).decode("p"), Archive(str(cdc_archive)).decode("p"))  # the rest reads
-    with pytest.raises(ArchiveError, match="ends before"):
-        list(ArchiveDataset(str(copy), shards=["c-000"]))
+    for decode_on in ("worker", "device"):
+        with pytest.raises(ArchiveError, match="ends before"):
+            list(ArchiveDataset(str(copy), shards=["c-000"], decode_on=decode_on))
 
 
 def test_latents_of_a_uqdm_archive_synthesize_to_its_exact_prefix_images(uqdm_archive, uqdm):
