@@ -31,9 +31,10 @@ HEAD_PORTS = ("--port", "--dashboard-port", "--node-manager-port", "--object-man
 
 
 def job_env(weights_dir: Path, temp_root: str) -> dict[str, str]:
-    """Environment of a command that must start (or reach) only our own Ray."""
+    """Environment of a command that must start (or reach) only our own Ray, and run this
+    checkout's code: an editable install may point at another checkout (a git worktree's)."""
     env = {**os.environ, **S3_ENV, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": temp_root,
-           "DIFFPRESS_WEIGHTS": str(weights_dir)}
+           "DIFFPRESS_WEIGHTS": str(weights_dir), "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     return env
 
