@@ -507,10 +507,12 @@ class _Scheduler:
 
 
 def _failure(exc: ray.exceptions.RayError) -> str:
-    """One line about a failed Ray call, without its traceback."""
+    """One line about a failed Ray call, without its traceback (the caller says which call).
+    Not the task's function_name: Ray raises most task errors as a class that derives from the
+    cause's too (an OSError from a commit is also an OSError), and that has no function_name."""
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-        return f"{exc.function_name} raised {type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+        return f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
     if isinstance(exc, ray.exceptions.RayActorError):
         return f"encoder crashed ({type(exc).__name__}, after {ENCODER_RETRIES} retries)"
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"

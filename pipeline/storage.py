@@ -116,18 +116,13 @@ class Location:
     def write_atomic(self, relative: str, data: bytes) -> None:
         """Write a whole file so readers see the old state or the new one, never a part.
 
-        Locally: write a temporary name beside it, then rename (atomic on POSIX).
-        Object stores: one PUT (s3fs uploads small files in one request and large ones as
-        a multipart upload that only appears when completed), which is atomic already.
+        Locally: write a temporary name beside it, then rename (atomic on POSIX); a failed
+        write (a full disk) removes the temporary file. Object stores: one PUT (s3fs uploads
+        small files in one request and large ones as a multipart upload that only appears
+        when completed), which is atomic already.
         """
-        target = self.path(relative)
-        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        if isinstance(self.fs, LocalFileSystem):
-            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
-            self.fs.pipe_file(temporary, data)
-            self.fs.mv(temporary, target)
-        else:
-            self.fs.pipe_file(target, data)
+        with self.open_atomic(relative) as file:
+            file.write(data)
 
     @contextlib.contextmanager
     def open_atomic(self, relative: str) -> Iterator:
