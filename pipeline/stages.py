@@ -26,7 +26,7 @@ from model import Codec, ImageDecodeError, decode_image
 from .manifest import (ERRORS_SCHEMA, MANIFEST_SCHEMA, ShardTotals, data_path, errors_path, manifest_path,
                        shard_metadata, to_table, write_table)
 from .shards import READ_SIZE, MemberError, Sample, iter_shard
-from .storage import Location, Shard, open_location, redact_url
+from .storage import Location, Shard, file_version, open_location, redact_url
 
 log = logging.getLogger(__name__)
 ImageT = TypeVar("ImageT")
@@ -188,13 +188,26 @@ def commit_shard(output: Location, shard: Shard, batches: Iterable[EncodedBatch]
             if len(rows) >= ROWS_PER_TABLE:  # columns take a tenth of the room of row dicts
                 tables.append(to_table(rows, MANIFEST_SCHEMA))
                 rows = []
+    written = output.info(data_path(shard.name))
     totals.errors.update(error.category for error in errors)
     write_table(output, errors_path(shard.name), to_table(
         ({"key": e.key, "source_url": shard.public_url, "member": e.member, "reason": e.reason,
           "category": e.category} for e in errors), ERRORS_SCHEMA))
     manifest = pa.concat_tables(tables + [to_table(rows, MANIFEST_SCHEMA)])
+    check_blob_is_ours(output, shard.name, written, offset)
     write_table(output, manifest_path(shard.name), manifest, shard_metadata(shard.public_url, totals))
     return totals
+
+
+def check_blob_is_ours(output: Location, shard: str, written: Mapping, length: int) -> None:
+    """Raise TransientFailure unless the shard's blob is still the `length` bytes this commit
+    wrote (`written`: its details then). Another job committing the same shard at the same
+    time (a race the output's lease narrows but cannot close on object stores) may have
+    replaced it, and this manifest would then point at that job's bytes."""
+    now = output.info(data_path(shard))
+    if not (written["size"] == now["size"] == length and file_version(now) == file_version(written)):
+        raise TransientFailure(f"shard {shard} not committed: {data_path(shard)} was replaced while it was "
+                               "committed (another job writing this output?)")
 
 
 def _manifest_row(image: EncodedImage, shard: Shard, codec: CodecInfo, data_url: str, offset: int) -> dict:

@@ -94,6 +94,11 @@ class Location:
         self.fs.invalidate_cache(self.path(*parts))
         return self.fs.exists(self.path(*parts))
 
+    def info(self, *parts: str) -> dict:
+        """The filesystem's details of a file (size, ETag or inode and mtime, ...), fresh."""
+        self.fs.invalidate_cache(self.path(*parts))  # a cached listing would hide other writers' changes
+        return self.fs.info(self.path(*parts))
+
     def read(self, *parts: str) -> bytes:
         return self.fs.cat_file(self.path(*parts))
 
@@ -175,6 +180,20 @@ class Location:
 def open_location(url: str, storage_options: Mapping | None = None) -> Location:
     fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     return Location(fs, root.rstrip("/") or root)
+
+
+# Fields of fsspec's file details that change when a file's contents are replaced, by
+# filesystem: an object store's ETag (quoted by HEAD, not by a listing), GCS's generation, a
+# local file's inode (a new file moved in) and mtime (written in place), memory://'s creation.
+VERSION_FIELDS = (("ETag",), ("etag",), ("generation",), ("ino", "mtime"), ("created",))
+
+
+def file_version(info: Mapping) -> str:
+    """What identifies this version of a file's contents ('' where the filesystem tells nothing)."""
+    for fields in VERSION_FIELDS:
+        if all(info.get(name) is not None for name in fields):
+            return ":".join(str(info[name]).strip('"') for name in fields)
+    return ""
 
 
 @dataclass(frozen=True, order=True)

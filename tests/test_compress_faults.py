@@ -1,18 +1,30 @@
-"""Red team round 3, faults around a run: a full disk. Each gets a clear error or an error
+"""Red team round 3, faults around a run: two jobs on one output, a full disk, a read-only
+output. Each gets a clear error or an error
 row, loses nothing, commits nothing by halves; a rerun finishes what was left and duplicates
-nothing. (An encoder killed mid-run: test_compress_local.py.)"""
+nothing. (An encoder killed mid-run: test_compress_local.py; the driver killed with SIGKILL:
+test_compress_jobs.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import re
+import subprocess
+import threading
+import time
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from ray._private import state
 
 from jobs import compress_bucket
-from pipeline.manifest import SUCCESS_FILE, read_manifests
+from pipeline import stages
+from pipeline.compress import CompressConfig, ConfigError, run_compress
+from pipeline.lease import LEASE_FILE, STALE_AFTER_SECONDS, OutputLease, OutputUnavailable
+from pipeline.manifest import SUCCESS_FILE, data_path, read_manifests
 from pipeline.storage import open_location
 
 from .pipeline_fixtures import local_ray, mounted, one_shard  # noqa: F401 - fixture
@@ -26,6 +38,74 @@ def files_in(folder: Path) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
 
 
+def run_in_background(config: CompressConfig) -> tuple[threading.Thread, dict]:
+    """run_compress(config) in a thread, once it holds the output's lease (its inputs are listed)."""
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=run_compress(config)))
+    job.start()
+    while not Path(config.output, LEASE_FILE).exists():
+        assert job.is_alive(), "the job ended without taking the output's lease"
+        time.sleep(0.05)
+    return job, result
+
+
+# ---------------------------------------------------------------------- two jobs on one output
+def test_a_second_job_on_an_output_in_use_is_refused_naming_the_first(tmp_path, local_ray):  # noqa: F811
+    """Both used to encode and commit every pending shard, one's manifest possibly over the
+    other's blob (other bytes where encodes differ), their _job.json updates racing."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    one_shard(folder, "a", ["a0", "a1"])
+    one_shard(folder, "b", ["b0"])
+    config = CompressConfig(str(folder), str(out), "uqdm-test", actors=1, batch_size=1)
+    first, result = run_in_background(config)
+    holder = rf"the compress job on {re.escape(platform.node())} \(pid {os.getpid()}, started [^)]+, last heartbeat"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(out))} is in use by {holder}"):
+        run_compress(config)
+    first.join(300)
+    assert result["summary"].complete and result["summary"].images == 3
+    assert keys_in(out) == Counter(["a0", "a1", "b0"])
+    assert not (out / LEASE_FILE).exists() and (out / SUCCESS_FILE).exists()
+
+
+def write_lease(folder: Path, host: str, pid: int, heartbeat_age: float) -> None:
+    moment = (datetime.now(timezone.utc) - timedelta(seconds=heartbeat_age)).isoformat(timespec="seconds")
+    (folder / LEASE_FILE).write_text(json.dumps({"token": "theirs", "host": host, "pid": pid, "started": moment,
+                                                 "heartbeat": moment}))
+
+
+def test_a_lease_whose_job_is_gone_is_taken_over_with_a_warning_and_a_live_one_is_not(tmp_path, caplog):
+    output = open_location(str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = {(platform.node(), gone.pid, 0): f"its process {gone.pid} no longer runs on this host",
+             ("elsewhere", 1, STALE_AFTER_SECONDS + 60): "its heartbeat is over 10 minutes old"}
+    for (host, pid, age), why in stale.items():
+        write_lease(tmp_path, host, pid, age)
+        with OutputLease.take(output, "OUT"):
+            held = json.loads((tmp_path / LEASE_FILE).read_text())
+            assert (held["host"], held["pid"]) == (platform.node(), os.getpid())
+        assert f"taking over the lease on OUT from the compress job on {host} (pid {pid}" in caplog.text
+        assert why in caplog.text and not (tmp_path / LEASE_FILE).exists()  # released at the block's end
+    write_lease(tmp_path, "elsewhere", 1, 60)  # another host's pid cannot be checked: its heartbeat is fresh
+    with pytest.raises(OutputUnavailable, match=r"OUT is in use by the compress job on elsewhere \(pid 1, .*"
+                                                r"last heartbeat 6\d s ago\).* delete _RUNNING"):
+        OutputLease.take(output, "OUT")
+    assert json.loads((tmp_path / LEASE_FILE).read_text())["token"] == "theirs"  # left as it was
+
+
+def test_a_manifest_is_not_written_over_a_blob_another_job_replaced(tmp_path):
+    """What remains of two jobs starting at the same moment (no create-if-absent on object
+    stores): the later blob must not be described by the earlier commit's manifest."""
+    output = open_location(str(tmp_path))
+    output.write_atomic(data_path("s"), b"ours")
+    written = output.info(data_path("s"))
+    stages.check_blob_is_ours(output, "s", written, 4)  # still ours: no complaint
+    output.write_atomic(data_path("s"), b"them")  # the other job's bytes, of the same length
+    with pytest.raises(stages.TransientFailure, match="data/s.bin was replaced while it was committed"):
+        stages.check_blob_is_ours(output, "s", written, 4)
+
+
+# ---------------------------------------------------------------------- the output's filesystem
 def free_bytes(folder: Path) -> int:
     stats = os.statvfs(folder)
     return stats.f_bavail * stats.f_frsize
@@ -52,3 +132,20 @@ def test_a_full_disk_leaves_the_shard_uncommitted_with_its_os_error_and_a_rerun_
         ballast.unlink()  # space is back
         assert compress_bucket.main(argv) == 0
         assert keys_in(out) == Counter(["k0", "k1"]) and (out / SUCCESS_FILE).exists()
+        assert not (out / LEASE_FILE).exists()
+
+
+def test_a_read_only_output_is_refused_up_front_in_one_line(tmp_path, local_ray, capsys):  # noqa: F811
+    """Root ignores file modes, not a read-only mount. Every shard's commit used to fail the
+    same way, after all of them were encoded."""
+    shard = one_shard(tmp_path / "in", "s", ["x0"])
+    (tmp_path / "archive").mkdir()
+    actors = len(state.actors())
+    with mounted(tmp_path / "ro", "--bind", "-o", "ro", str(tmp_path / "archive")) as read_only:
+        status = compress_bucket.main(["--input", shard, "--output", str(read_only / "out"), "--codec", "uqdm-test",
+                                       "--actors", "1"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if " error: " in line]
+    assert status == 2 and errors == [
+        f"diffpress compress: error: cannot write to {read_only / 'out'} (OSError: [Errno 30] Read-only file "
+        f"system: '{read_only / 'out'}'); give a writable --output"]
+    assert len(state.actors()) == actors  # refused before any encoder started
