@@ -19,7 +19,9 @@ One job per output: the driver holds the output's lease (`_RUNNING`, pipeline.le
 before its first write to its end, failed or not; a second job is refused (ConfigError,
 naming the first) unless the lease is stale (no heartbeat for 10 minutes, or its process gone
 on this host, as after SIGKILL), which it takes over with a warning. Taking the lease is also
-the probe that the output is writable (read-only, full: refused before Ray starts).
+the probe that the output is writable (read-only, full: refused before Ray starts). An input
+shard that is not the file listed, before or after it is read (replaced, truncated), is left
+uncommitted ("changed since listing"), and a rerun reads it as it is then.
 """
 
 from __future__ import annotations

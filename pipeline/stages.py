@@ -31,6 +31,7 @@ from .storage import Location, Shard, file_version, open_location, redact_url
 log = logging.getLogger(__name__)
 ImageT = TypeVar("ImageT")
 READ_FAILED = "cannot read shard"
+CHANGED = "changed since listing"
 ROWS_PER_TABLE = 4096  # manifest rows held as dicts before they are turned into columns
 
 
@@ -88,15 +89,34 @@ EncodedBatch = Batch[EncodedImage]
 
 def read_shard_batches(shard: Shard, storage_options: Mapping, batch_size: int) -> Iterator[DecodedBatch]:
     """decode_shard_batches over the shard's file, streamed from storage. A failure to read
-    it (or any other failure here) ends the shard with a transient error: not its fault."""
+    it (or any other failure here) ends the shard with a transient error: not its fault.
+
+    So does a file that is not the one listed, before or after it was read (replaced, or
+    truncated: which the tar reader would take for damage, a final error): the shard is not
+    committed, and a rerun lists and reads it as it is then."""
     try:
         location = open_location(shard.url, storage_options)
+        _check_unchanged(location, shard)
         with location.fs.open(location.root, "rb", block_size=READ_SIZE) as file:
             yield from decode_shard_batches(file, batch_size)
+        _check_unchanged(location, shard)
+    except ShardChanged as exc:
+        log.warning("shard %s %s", shard.public_url, exc)
+        yield DecodedBatch(errors=[MemberError.of("", "", CHANGED, str(exc), transient=True)])
     except Exception as exc:  # noqa: BLE001 - storage, or a bug: either way, try again on a rerun
         log.warning("reading shard %s failed", shard.public_url, exc_info=True)
         yield DecodedBatch(errors=[MemberError.of("", "", READ_FAILED, f"{type(exc).__name__}: {exc}",
                                                   transient=True)])
+
+
+class ShardChanged(RuntimeError):
+    """The shard's file is not the one list_shards found."""
+
+
+def _check_unchanged(location: Location, shard: Shard) -> None:
+    change = shard.change_since_listing(location.info())
+    if change:
+        raise ShardChanged(change)
 
 
 def decode_shard_batches(file: BinaryIO, batch_size: int) -> Iterator[DecodedBatch]:

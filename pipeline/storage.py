@@ -13,7 +13,7 @@ import contextlib
 import posixpath
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
@@ -198,15 +198,27 @@ def file_version(info: Mapping) -> str:
 
 @dataclass(frozen=True, order=True)
 class Shard:
-    """One input tar: its name (the file name without .tar, used for every output file) and URL."""
+    """One input tar: its name (the file name without .tar, used for every output file), URL,
+    and the size and version its listing found (None, '': not listed, nothing to compare)."""
 
     name: str
     url: str
+    size: int | None = field(default=None, compare=False)
+    version: str = field(default="", compare=False)
 
     @property
     def public_url(self) -> str:
         """The URL as it may be logged or stored (no credentials in it)."""
         return redact_url(self.url)
+
+    def change_since_listing(self, info: Mapping) -> str | None:
+        """How the file with these details differs from the one listed; None if it does not
+        (a shard replaced or truncated after listing must not be committed as listed)."""
+        now = (info.get("size"), file_version(info))
+        if self.size is None or now == (self.size, self.version):
+            return None
+        return (f"listed with {self.size} bytes (version {self.version or '?'}), now {now[0]} bytes "
+                f"(version {now[1] or '?'})")
 
 
 def list_shards(inputs: str | Sequence[str], storage_options: Mapping | None = None) -> list[Shard]:
@@ -231,14 +243,15 @@ def list_shards(inputs: str | Sequence[str], storage_options: Mapping | None = N
 def _expand(entry: str, storage_options: Mapping) -> list[Shard]:
     fs, path = fsspec.core.url_to_fs(entry, **dict(storage_options))
     if any(c in path for c in GLOB_CHARS):
-        paths = fs.glob(path)
+        found = fs.glob(path, detail=True)
     elif fs.isdir(path):
-        paths = [p for p in fs.find(path) if p.endswith(TAR_SUFFIXES)]
+        found = {p: info for p, info in fs.find(path, detail=True).items() if p.endswith(TAR_SUFFIXES)}
     elif fs.isfile(path):
-        paths = [path]
+        found = {path: fs.info(path)}
     else:
         raise FileNotFoundError(f"input {redact_url(entry)!r} is neither a shard, a folder nor a glob that exists")
-    return [Shard(shard_name(p), fs.unstrip_protocol(p)) for p in paths]
+    return [Shard(shard_name(p), fs.unstrip_protocol(p), info.get("size"), file_version(info))
+            for p, info in found.items()]
 
 
 def shard_name(path: str) -> str:

@@ -1,5 +1,5 @@
 """Red team round 3, faults around a run: two jobs on one output, a full disk, a read-only
-output. Each gets a clear error or an error
+output, an input changed between listing and reading. Each gets a clear error or an error
 row, loses nothing, commits nothing by halves; a rerun finishes what was left and duplicates
 nothing. (An encoder killed mid-run: test_compress_local.py; the driver killed with SIGKILL:
 test_compress_jobs.py.)"""
@@ -24,8 +24,8 @@ from jobs import compress_bucket
 from pipeline import stages
 from pipeline.compress import CompressConfig, ConfigError, run_compress
 from pipeline.lease import LEASE_FILE, STALE_AFTER_SECONDS, OutputLease, OutputUnavailable
-from pipeline.manifest import SUCCESS_FILE, data_path, read_manifests
-from pipeline.storage import open_location
+from pipeline.manifest import SUCCESS_FILE, data_path, manifest_path, read_manifests
+from pipeline.storage import list_shards, open_location
 
 from .pipeline_fixtures import local_ray, mounted, one_shard  # noqa: F401 - fixture
 
@@ -149,3 +149,41 @@ def test_a_read_only_output_is_refused_up_front_in_one_line(tmp_path, local_ray,
         f"diffpress compress: error: cannot write to {read_only / 'out'} (OSError: [Errno 30] Read-only file "
         f"system: '{read_only / 'out'}'); give a writable --output"]
     assert len(state.actors()) == actors  # refused before any encoder started
+
+
+# ---------------------------------------------------------------------- inputs that change
+def test_a_shard_truncated_after_listing_is_a_change_to_retry_not_a_truncated_tar(tmp_path):
+    """The tar reader alone took the cut for damage: a final 'truncated tar' row, the shard
+    committed without the images that were there when it was listed."""
+    path = Path(one_shard(tmp_path, "s", ["k0", "k1"]))
+    [listed] = list_shards(str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    [error] = [e for batch in stages.read_shard_batches(listed, {}, 4) for e in batch.errors]
+    assert (error.category, error.transient) == ("changed since listing", True)
+    assert f"listed with {len(data)} bytes" in error.reason and f"now {len(data) // 2} bytes" in error.reason
+    [relisted] = list_shards(str(path))  # a rerun takes the file as it is now: its damage is final
+    errors = [(e.category, e.transient) for batch in stages.read_shard_batches(relisted, {}, 4) for e in batch.errors]
+    assert errors == [("truncated tar", False)]
+
+
+def test_a_shard_replaced_between_listing_and_reading_is_not_committed_and_a_rerun_takes_the_new_content(
+        tmp_path, local_ray):  # noqa: F811
+    folder, out = tmp_path / "in", tmp_path / "out"
+    one_shard(folder, "s0", ["a0", "a1", "a2"])
+    one_shard(folder, "s1", ["b0", "b1", "b2"])
+    changing = one_shard(folder, "s2", ["c0"])
+    config = CompressConfig(str(folder), str(out), "uqdm-test", actors=1, batch_size=1)
+    # Its inputs are listed once the lease exists; s2 is read only after s0 or s1 is wholly
+    # decoded (one encoder: two shards decode at a time), i.e. after some encodes.
+    job, result = run_in_background(config)
+    replacement = one_shard(tmp_path / "new", "s2", ["n0", "n1"])
+    os.replace(replacement, changing)
+    job.join(300)
+    summary = result["summary"]
+    assert summary.shards_committed == 2 and list(summary.uncommitted) == ["s2"] and not summary.complete
+    assert "shard: changed since listing: listed with" in summary.uncommitted["s2"][0]
+    assert not (out / manifest_path("s2")).exists() and not (out / SUCCESS_FILE).exists()
+    rerun = run_compress(config)
+    assert (rerun.shards_skipped, rerun.shards_committed, rerun.complete) == (2, 1, True)
+    assert keys_in(out) == Counter(["a0", "a1", "a2", "b0", "b1", "b2", "n0", "n1"])
