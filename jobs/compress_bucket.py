@@ -7,7 +7,8 @@ Locally Ray starts in-process; under `ray job submit` (RAY_ADDRESS set) it joins
 cluster, and --output must then be absolute or a URL. With no --input it compresses sample
 shards made from matplotlib's photos. Rerunning resumes: committed shards are skipped, and
 shards that transient failures left uncommitted are done again (the run exits with status 3
-while any remain; 2 for a mistake in the flags, found before Ray starts).
+while any remain; 2 for a mistake in the flags, or an output that another compress job is
+writing or that cannot be written, found before Ray starts).
 """
 
 from __future__ import annotations

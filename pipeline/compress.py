@@ -14,6 +14,14 @@ Nothing lost: a shard is committed only when every image was encoded or has a fi
 codec error) leaves the shard uncommitted: the summary says which and why, _SUCCESS is not
 written, and a rerun of the same command does it again. A committed shard is skipped only
 if its manifest records the same source URL: another shard under the same name is refused.
+
+One job per output: the driver holds the output's lease (`_RUNNING`, pipeline.lease) from
+before its first write to its end, failed or not; a second job is refused (ConfigError,
+naming the first) unless the lease is stale (no heartbeat for 10 minutes, or its process gone
+on this host, as after SIGKILL), which it takes over with a warning. Taking the lease is also
+the probe that the output is writable (read-only, full: refused before Ray starts). An input
+shard that is not the file listed, before or after it is read (replaced, truncated), is left
+uncommitted ("changed since listing"), and a rerun reads it as it is then.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from model import load_codec
 from model.metrics import psnr_from_mse
 
 from . import stages
+from .lease import OutputLease, OutputUnavailable
 from .manifest import JOB_FILE, SUCCESS_FILE, CommittedShard, ShardTotals, read_committed
 from .storage import Location, Shard, list_shards, open_location, redact, redact_url, shard_name
 
@@ -243,9 +252,10 @@ def run_compress(config: CompressConfig) -> RunSummary:
     """Compress every uncommitted shard of `config.inputs` into the archive at `config.output`.
 
     Joins Ray (connect_ray) only once the inputs are listed and the archive is checked: inputs
-    that do not exist, or an archive this run would corrupt, are a ConfigError before any
-    work. Safe to rerun: committed shards are skipped, shards left uncommitted by transient
-    failures are done again.
+    that do not exist, an output that another job is writing or that cannot be written, or an
+    archive this run would corrupt, are a ConfigError before any work. The run holds the
+    output's lease (pipeline.lease) from then on. Safe to rerun: committed shards are skipped,
+    shards left uncommitted by transient failures are done again.
     """
     log.info("compress_bucket config: %s", json.dumps(config.public()))
     try:
@@ -253,6 +263,16 @@ def run_compress(config: CompressConfig) -> RunSummary:
     except (FileNotFoundError, ValueError) as exc:  # no such input, two inputs of one name: the user's to fix
         raise ConfigError(str(exc)) from exc
     output = open_location(config.output, config.storage_options)
+    try:
+        lease = OutputLease.take(output, redact_url(config.output))
+    except OutputUnavailable as exc:  # another job's, read-only, full: the user's to sort out
+        raise ConfigError(str(exc)) from exc
+    with lease:
+        return _compress(config, shards, output)
+
+
+def _compress(config: CompressConfig, shards: list[Shard], output: Location) -> RunSummary:
+    """run_compress, once the inputs are listed and the output's lease is held."""
     committed = read_committed(output)  # one listing, one footer per manifest
     _refuse_other_sources(config, shards, committed)
     pending = [s for s in shards if s.name not in committed]
@@ -507,10 +527,12 @@ class _Scheduler:
 
 
 def _failure(exc: ray.exceptions.RayError) -> str:
-    """One line about a failed Ray call, without its traceback."""
+    """One line about a failed Ray call, without its traceback (the caller says which call).
+    Not the task's function_name: Ray raises most task errors as a class that derives from the
+    cause's too (an OSError from a commit is also an OSError), and that has no function_name."""
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-        return f"{exc.function_name} raised {type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+        return f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
     if isinstance(exc, ray.exceptions.RayActorError):
         return f"encoder crashed ({type(exc).__name__}, after {ENCODER_RETRIES} retries)"
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"

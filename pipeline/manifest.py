@@ -6,6 +6,7 @@
     data/<shard>.bin           that shard's bitstreams, concatenated
     errors/<shard>.parquet     inputs that could not be encoded (ERRORS_SCHEMA)
     _SUCCESS                   written last, with totals
+    _RUNNING                   while a compress job writes here: its lease (pipeline.lease)
 
 A shard is committed when its manifest exists. Manifest columns `key` to `extras` are the
 contract; three more say what the archive replaced: `source_member` (the image's member

@@ -26,11 +26,12 @@ from model import Codec, ImageDecodeError, decode_image
 from .manifest import (ERRORS_SCHEMA, MANIFEST_SCHEMA, ShardTotals, data_path, errors_path, manifest_path,
                        shard_metadata, to_table, write_table)
 from .shards import READ_SIZE, MemberError, Sample, iter_shard
-from .storage import Location, Shard, open_location, redact_url
+from .storage import Location, Shard, file_version, open_location, redact_url
 
 log = logging.getLogger(__name__)
 ImageT = TypeVar("ImageT")
 READ_FAILED = "cannot read shard"
+CHANGED = "changed since listing"
 ROWS_PER_TABLE = 4096  # manifest rows held as dicts before they are turned into columns
 
 
@@ -88,15 +89,34 @@ EncodedBatch = Batch[EncodedImage]
 
 def read_shard_batches(shard: Shard, storage_options: Mapping, batch_size: int) -> Iterator[DecodedBatch]:
     """decode_shard_batches over the shard's file, streamed from storage. A failure to read
-    it (or any other failure here) ends the shard with a transient error: not its fault."""
+    it (or any other failure here) ends the shard with a transient error: not its fault.
+
+    So does a file that is not the one listed, before or after it was read (replaced, or
+    truncated: which the tar reader would take for damage, a final error): the shard is not
+    committed, and a rerun lists and reads it as it is then."""
     try:
         location = open_location(shard.url, storage_options)
+        _check_unchanged(location, shard)
         with location.fs.open(location.root, "rb", block_size=READ_SIZE) as file:
             yield from decode_shard_batches(file, batch_size)
+        _check_unchanged(location, shard)
+    except ShardChanged as exc:
+        log.warning("shard %s %s", shard.public_url, exc)
+        yield DecodedBatch(errors=[MemberError.of("", "", CHANGED, str(exc), transient=True)])
     except Exception as exc:  # noqa: BLE001 - storage, or a bug: either way, try again on a rerun
         log.warning("reading shard %s failed", shard.public_url, exc_info=True)
         yield DecodedBatch(errors=[MemberError.of("", "", READ_FAILED, f"{type(exc).__name__}: {exc}",
                                                   transient=True)])
+
+
+class ShardChanged(RuntimeError):
+    """The shard's file is not the one list_shards found."""
+
+
+def _check_unchanged(location: Location, shard: Shard) -> None:
+    change = shard.change_since_listing(location.info())
+    if change:
+        raise ShardChanged(change)
 
 
 def decode_shard_batches(file: BinaryIO, batch_size: int) -> Iterator[DecodedBatch]:
@@ -188,13 +208,26 @@ def commit_shard(output: Location, shard: Shard, batches: Iterable[EncodedBatch]
             if len(rows) >= ROWS_PER_TABLE:  # columns take a tenth of the room of row dicts
                 tables.append(to_table(rows, MANIFEST_SCHEMA))
                 rows = []
+    written = output.info(data_path(shard.name))
     totals.errors.update(error.category for error in errors)
     write_table(output, errors_path(shard.name), to_table(
         ({"key": e.key, "source_url": shard.public_url, "member": e.member, "reason": e.reason,
           "category": e.category} for e in errors), ERRORS_SCHEMA))
     manifest = pa.concat_tables(tables + [to_table(rows, MANIFEST_SCHEMA)])
+    check_blob_is_ours(output, shard.name, written, offset)
     write_table(output, manifest_path(shard.name), manifest, shard_metadata(shard.public_url, totals))
     return totals
+
+
+def check_blob_is_ours(output: Location, shard: str, written: Mapping, length: int) -> None:
+    """Raise TransientFailure unless the shard's blob is still the `length` bytes this commit
+    wrote (`written`: its details then). Another job committing the same shard at the same
+    time (a race the output's lease narrows but cannot close on object stores) may have
+    replaced it, and this manifest would then point at that job's bytes."""
+    now = output.info(data_path(shard))
+    if not (written["size"] == now["size"] == length and file_version(now) == file_version(written)):
+        raise TransientFailure(f"shard {shard} not committed: {data_path(shard)} was replaced while it was "
+                               "committed (another job writing this output?)")
 
 
 def _manifest_row(image: EncodedImage, shard: Shard, codec: CodecInfo, data_url: str, offset: int) -> dict:

@@ -13,7 +13,7 @@ import contextlib
 import posixpath
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
@@ -94,6 +94,11 @@ class Location:
         self.fs.invalidate_cache(self.path(*parts))
         return self.fs.exists(self.path(*parts))
 
+    def info(self, *parts: str) -> dict:
+        """The filesystem's details of a file (size, ETag or inode and mtime, ...), fresh."""
+        self.fs.invalidate_cache(self.path(*parts))  # a cached listing would hide other writers' changes
+        return self.fs.info(self.path(*parts))
+
     def read(self, *parts: str) -> bytes:
         return self.fs.cat_file(self.path(*parts))
 
@@ -116,18 +121,13 @@ class Location:
     def write_atomic(self, relative: str, data: bytes) -> None:
         """Write a whole file so readers see the old state or the new one, never a part.
 
-        Locally: write a temporary name beside it, then rename (atomic on POSIX).
-        Object stores: one PUT (s3fs uploads small files in one request and large ones as
-        a multipart upload that only appears when completed), which is atomic already.
+        Locally: write a temporary name beside it, then rename (atomic on POSIX); a failed
+        write (a full disk) removes the temporary file. Object stores: one PUT (s3fs uploads
+        small files in one request and large ones as a multipart upload that only appears
+        when completed), which is atomic already.
         """
-        target = self.path(relative)
-        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        if isinstance(self.fs, LocalFileSystem):
-            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
-            self.fs.pipe_file(temporary, data)
-            self.fs.mv(temporary, target)
-        else:
-            self.fs.pipe_file(target, data)
+        with self.open_atomic(relative) as file:
+            file.write(data)
 
     @contextlib.contextmanager
     def open_atomic(self, relative: str) -> Iterator:
@@ -182,17 +182,43 @@ def open_location(url: str, storage_options: Mapping | None = None) -> Location:
     return Location(fs, root.rstrip("/") or root)
 
 
+# Fields of fsspec's file details that change when a file's contents are replaced, by
+# filesystem: an object store's ETag (quoted by HEAD, not by a listing), GCS's generation, a
+# local file's inode (a new file moved in) and mtime (written in place), memory://'s creation.
+VERSION_FIELDS = (("ETag",), ("etag",), ("generation",), ("ino", "mtime"), ("created",))
+
+
+def file_version(info: Mapping) -> str:
+    """What identifies this version of a file's contents ('' where the filesystem tells nothing)."""
+    for fields in VERSION_FIELDS:
+        if all(info.get(name) is not None for name in fields):
+            return ":".join(str(info[name]).strip('"') for name in fields)
+    return ""
+
+
 @dataclass(frozen=True, order=True)
 class Shard:
-    """One input tar: its name (the file name without .tar, used for every output file) and URL."""
+    """One input tar: its name (the file name without .tar, used for every output file), URL,
+    and the size and version its listing found (None, '': not listed, nothing to compare)."""
 
     name: str
     url: str
+    size: int | None = field(default=None, compare=False)
+    version: str = field(default="", compare=False)
 
     @property
     def public_url(self) -> str:
         """The URL as it may be logged or stored (no credentials in it)."""
         return redact_url(self.url)
+
+    def change_since_listing(self, info: Mapping) -> str | None:
+        """How the file with these details differs from the one listed; None if it does not
+        (a shard replaced or truncated after listing must not be committed as listed)."""
+        now = (info.get("size"), file_version(info))
+        if self.size is None or now == (self.size, self.version):
+            return None
+        return (f"listed with {self.size} bytes (version {self.version or '?'}), now {now[0]} bytes "
+                f"(version {now[1] or '?'})")
 
 
 def list_shards(inputs: str | Sequence[str], storage_options: Mapping | None = None) -> list[Shard]:
@@ -217,14 +243,15 @@ def list_shards(inputs: str | Sequence[str], storage_options: Mapping | None = N
 def _expand(entry: str, storage_options: Mapping) -> list[Shard]:
     fs, path = fsspec.core.url_to_fs(entry, **dict(storage_options))
     if any(c in path for c in GLOB_CHARS):
-        paths = fs.glob(path)
+        found = fs.glob(path, detail=True)
     elif fs.isdir(path):
-        paths = [p for p in fs.find(path) if p.endswith(TAR_SUFFIXES)]
+        found = {p: info for p, info in fs.find(path, detail=True).items() if p.endswith(TAR_SUFFIXES)}
     elif fs.isfile(path):
-        paths = [path]
+        found = {path: fs.info(path)}
     else:
         raise FileNotFoundError(f"input {redact_url(entry)!r} is neither a shard, a folder nor a glob that exists")
-    return [Shard(shard_name(p), fs.unstrip_protocol(p)) for p in paths]
+    return [Shard(shard_name(p), fs.unstrip_protocol(p), info.get("size"), file_version(info))
+            for p, info in found.items()]
 
 
 def shard_name(path: str) -> str:

@@ -6,6 +6,7 @@ this machine too.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import secrets
@@ -19,6 +20,7 @@ import tarfile
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,14 @@ def good_sample(key: str, seed: int, size: tuple[int, int] | None = None) -> Sam
     fmt, ext = ("JPEG", "jpg") if seed % 2 else ("PNG", "png")
     return Sample(key, {ext: encoded(photo_like(height, width, seed), fmt),
                         "cls": str(seed).encode(), "json": f'{{"seed": {seed}}}'.encode()})
+
+
+def one_shard(folder: Path, name: str, keys: list[str], size=(32, 32)) -> str:
+    """folder/name.tar of good samples under these keys; its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.tar"
+    path.write_bytes(write_shard([good_sample(key, i, size=size) for i, key in enumerate(keys)]))
+    return str(path)
 
 
 def bomb_png() -> bytes:
@@ -217,3 +227,18 @@ def s3_server(tmp_path_factory):
     finally:
         process.terminate()
         process.wait(10)
+
+
+@contextlib.contextmanager
+def mounted(target: Path, *options: str) -> Iterator[Path]:
+    """`mount OPTIONS TARGET` for the block (a tiny tmpfs, a read-only bind mount: real faults of
+    the filesystem, which root's permissions do not bypass); skips where mounting is not
+    allowed (not root, a container without CAP_SYS_ADMIN)."""
+    target.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True)
+    if result.returncode:
+        pytest.skip(f"needs to mount a filesystem (root, CAP_SYS_ADMIN): {result.stderr.strip()}")
+    try:
+        yield target
+    finally:  # lazily: a Ray worker may still hold a file open there
+        subprocess.run(["umount", "--lazy", str(target)], check=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.lease import LEASE_FILE
 from pipeline.manifest import SUCCESS_FILE, read_errors, read_manifests
 from pipeline.shards import write_shard
 from pipeline.storage import open_location
@@ -31,9 +32,10 @@ HEAD_PORTS = ("--port", "--dashboard-port", "--node-manager-port", "--object-man
 
 
 def job_env(weights_dir: Path, temp_root: str) -> dict[str, str]:
-    """Environment of a command that must start (or reach) only our own Ray."""
+    """Environment of a command that must start (or reach) only our own Ray, and run this
+    checkout's code: an editable install may point at another checkout (a git worktree's)."""
     env = {**os.environ, **S3_ENV, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": temp_root,
-           "DIFFPRESS_WEIGHTS": str(weights_dir)}
+           "DIFFPRESS_WEIGHTS": str(weights_dir), "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -82,40 +84,85 @@ def test_ray_job_submit_end_to_end(ray_head, weights_dir, tmp_path):
     assert (config["actors"], config["batch_size"]) == (1, 3)
 
 
+def write_parts(folder: Path, shards: int, size: tuple[int, int]) -> list:
+    """`shards` shards part-N.tar of 2 images each; their samples."""
+    samples = [good_sample(f"img{i:03d}", i, size=size) for i in range(2 * shards)]
+    folder.mkdir()
+    for number in range(shards):
+        (folder / f"part-{number}.tar").write_bytes(write_shard(samples[2 * number:2 * number + 2]))
+    return samples
+
+
+def compress_command(folder: Path, output: Path) -> list[str]:
+    return [sys.executable, "-m", "jobs.compress_bucket", "--input", str(folder), "--output", str(output),
+            "--codec", "uqdm-test", "--actors", "1", "--batch-size", "1"]
+
+
+def wait_for_a_commit(job: subprocess.Popen, output: Path) -> float:
+    """Seconds until the job's first shard is committed (it must still be running then)."""
+    started = time.monotonic()
+    while not list((output / "manifest").glob("*.parquet")) and time.monotonic() < started + 240:
+        assert job.poll() is None, job.stdout.read().decode()[-3000:]
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def committed_midway(output: Path, shards: int, job: subprocess.Popen, first_commit: float) -> int:
+    committed = len(list((output / "manifest").glob("*.parquet")))
+    assert 1 <= committed < shards and not (output / SUCCESS_FILE).exists(), (
+        f"{committed} of {shards} shards committed when stopped (first after {first_commit:.1f} s)\n"
+        + job.stdout.read().decode()[-3000:])
+    return committed
+
+
 def test_stopped_halfway_then_rerun_gives_one_row_per_image(weights_dir, private_ray_root, tmp_path):
     # 8 shards of 2 images of 3 tiles: 7/8 of the encoding remains when the first shard is
     # committed. (With 4 shards, all were committed once when Ctrl-C came, in a full run on a
     # loaded machine: the first commit, which waits for a Ray worker to start, came late.)
     shards = 8
-    samples = [good_sample(f"img{i:03d}", i, size=(64, 160)) for i in range(2 * shards)]
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for number in range(shards):
-        (folder / f"part-{number}.tar").write_bytes(write_shard(samples[2 * number:2 * number + 2]))
+    samples = write_parts(tmp_path / "in", shards, size=(64, 160))
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "jobs.compress_bucket", "--input", str(folder),
-               "--output", str(output), "--codec", "uqdm-test", "--actors", "1", "--batch-size", "1"]
+    command = compress_command(tmp_path / "in", output)
     env = job_env(weights_dir, private_ray_root)
     # Ctrl-C as in a terminal: a shell's background job (CI under `&`, nohup) starts with SIGINT
     # ignored, which the child would inherit and Python would then never raise KeyboardInterrupt.
     first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    started = time.monotonic()
-    while not list((output / "manifest").glob("*.parquet")) and time.monotonic() < started + 240:
-        assert first.poll() is None, first.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
-    first_commit = time.monotonic() - started
+    first_commit = wait_for_a_commit(first, output)
     first.send_signal(signal.SIGINT)  # Ctrl-C
     first.wait(60)
-    committed = len(list((output / "manifest").glob("*.parquet")))
-    assert 1 <= committed < shards and not (output / SUCCESS_FILE).exists(), (
-        f"{committed} of {shards} shards committed when stopped (first after {first_commit:.1f} s)\n"
-        + first.stdout.read().decode()[-3000:])
+    committed = committed_midway(output, shards, first, first_commit)
+    assert not (output / LEASE_FILE).exists()  # released on the way out
     rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"({committed} already committed, skipped)" in rerun.stdout
     assert keys_in(output) == Counter(s.key for s in samples)
     assert read_errors(open_location(str(output))).num_rows == 0
+
+
+def test_a_driver_killed_mid_run_leaves_its_lease_to_the_rerun_which_duplicates_nothing(
+        weights_dir, private_ray_root, tmp_path):
+    """SIGKILL: no finally runs, the lease stays behind. On its host, a lease whose process is
+    gone is taken over at once; the rerun commits the rest, each image once."""
+    shards = 6
+    samples = write_parts(tmp_path / "in", shards, size=(32, 32))
+    output = tmp_path / "out"
+    command = compress_command(tmp_path / "in", output)
+    env = job_env(weights_dir, private_ray_root)
+    first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first_commit = wait_for_a_commit(first, output)
+    first.kill()
+    first.wait(60)
+    committed_midway(output, shards, first, first_commit)
+    assert json.loads((output / LEASE_FILE).read_text())["pid"] == first.pid
+    stop_pids(pids_mentioning(private_ray_root))  # its Ray, which a driver killed so leaves behind
+    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"taking over the lease on {output} from the compress job on" in rerun.stderr
+    assert f"its process {first.pid} no longer runs on this host" in rerun.stderr
+    assert keys_in(output) == Counter(s.key for s in samples)
+    assert read_errors(open_location(str(output))).num_rows == 0
+    assert (output / SUCCESS_FILE).exists() and not (output / LEASE_FILE).exists()
 
 
 README_MARK = "<!-- run as written by tests/test_compress_jobs.py -->"

@@ -29,7 +29,8 @@ from pipeline.manifest import SUCCESS_FILE, data_path, manifest_path, read_error
 from pipeline.shards import read_shard, write_shard
 from pipeline.storage import open_location
 
-from .pipeline_fixtures import SECRETS, build_dataset, good_sample, local_ray, secret_options  # noqa: F401 - fixture
+from .pipeline_fixtures import (SECRETS, build_dataset, good_sample, local_ray,  # noqa: F401 - fixture
+                                one_shard, secret_options)
 
 
 @pytest.fixture(scope="module")
@@ -218,13 +219,6 @@ def test_killed_encoder_is_replaced_and_every_image_lands_once(tmp_path, local_r
 
 
 # ---------------------------------------------------------------------- nothing lost, nothing leaked
-def one_shard(folder, name: str, keys: list[str], size=(32, 32)) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.tar"
-    path.write_bytes(write_shard([good_sample(key, i, size=size) for i, key in enumerate(keys)]))
-    return str(path)
-
-
 def test_another_source_under_a_committed_shard_name_is_refused_not_skipped(tmp_path, local_ray):  # noqa: F811
     """dirA/s.tar then dirB/s.tar into one output: the second used to be skipped (its images
     never encoded) and _SUCCESS written."""
