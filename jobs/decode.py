@@ -24,7 +24,7 @@ from jobs import cli
 from jobs._cli import (add_storage_options, check_output, non_negative_float, non_negative_int, positive_int,
                        usage_errors)
 from pipeline.archive import ArchiveError
-from pipeline.compress import ConfigError
+from pipeline.cluster import ConfigError
 from pipeline.decode import FORMATS, decode_archive
 
 HELP = "decode an archive to PNGs or webdataset shards (Ray)"

@@ -4,6 +4,8 @@
     shards     webdataset tars read as a stream (plain or compressed), samples by key, MemberError
     manifest   the archive layout and its Parquet schemas (manifest, errors)
     stages     decode / encode / commit work, Ray-free (each testable alone)
+    cluster    joining Ray, actor pools, the environment every worker gets; ConfigError
+    lease      one compress job at a time per output (_RUNNING, heartbeats, stale takeover)
     compress   the Ray orchestration behind jobs.compress_bucket (actors, retries, summary)
     archive    reading records back: (shard, key) records, byte ranges, progressive prefixes,
                batched decoding; the checks against _SUCCESS

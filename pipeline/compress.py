@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from collections import deque
@@ -43,6 +42,7 @@ from model import load_codec
 from model.metrics import psnr_from_mse
 
 from . import stages
+from .cluster import ConfigError, actor_pool, connect_ray, runtime_env
 from .lease import OutputLease, OutputUnavailable
 from .manifest import JOB_FILE, SUCCESS_FILE, CommittedShard, ShardTotals, read_committed
 from .storage import Location, Shard, list_shards, open_location, redact, redact_url, shard_name
@@ -50,19 +50,11 @@ from .storage import Location, Shard, list_shards, open_location, redact, redact
 log = logging.getLogger(__name__)
 
 ARCHIVE_FORMAT = "diffpress-archive/1"
-# Driver environment every task needs: where `load_codec` finds weights, and botocore's
-# checksum mode (S3-compatible servers such as rclone's need "when_required"). Never
-# credentials: those travel only in storage options.
-PASSED_ENV = ("DIFFPRESS_WEIGHTS", "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
 ENCODES_PER_ACTOR = 2  # one running, one queued, so an actor never waits for the driver
 ENCODER_RETRIES = 3    # an encode call is retried this often on an encoder that died
 COMMIT_FETCH = 8       # encoded batches a commit holds at once
 REASONS_KEPT = 5       # per uncommitted shard, in the summary
 QUALITY_SAMPLE = 2     # images per encoder decoded again (the readers' default) for the summary's PSNR
-
-
-class ConfigError(ValueError):
-    """The run cannot start as asked (flags, resources, an archive it would corrupt)."""
 
 
 @dataclass
@@ -313,29 +305,6 @@ def _refuse_other_sources(config: CompressConfig, shards: list[Shard],
         raise ConfigError(f"{redact_url(config.output)} already holds shards of the same names from other sources "
                           "(outputs are named after the shard file's name):\n" + "\n".join(lines)
                           + "\nWrite to another --output, or rename these inputs.")
-
-
-def runtime_env() -> dict | None:
-    """The driver's environment that every worker needs too (encoders, decoders, readers): where
-    load_codec finds weights, botocore's checksum mode. Never credentials."""
-    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
-    return {"env_vars": env} if env else None
-
-
-def actor_pool(actors: int | None, gpus_per_actor: float | None, what: str) -> tuple[int, float]:
-    """(how many actors, GPUs each) for a pool of `what` (encoders, decoders): by default one per
-    GPU when the cluster has GPUs, else one per CPU. A pool the cluster cannot hold is refused:
-    its actors would wait for resources forever, and the work sent to them."""
-    resources = ray.cluster_resources()
-    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
-    per_actor = gpus_per_actor if gpus_per_actor is not None else (1 if gpus else 0)
-    count = actors or max(1, int(gpus // per_actor if per_actor else cpus))
-    if count * per_actor > gpus:
-        raise ConfigError(f"{count} {what} of {per_actor:g} GPU each need {count * per_actor:g} GPUs; the cluster "
-                          f"has {gpus:g}: lower --actors or --gpus-per-actor (0 runs them on CPUs)")
-    if count > cpus:
-        raise ConfigError(f"{count} {what} need a CPU each; the cluster has {cpus:g}: lower --actors")
-    return count, per_actor
 
 
 def _start_encoders(config: CompressConfig) -> tuple[list, bool]:
@@ -594,13 +563,3 @@ def _summarize(config: CompressConfig, shards: list[Shard], before: dict[str, Co
         codec=f"{run.codec.name} (weights {run.codec.weights_digest[:16]})", progressive=run.codec.progressive,
         sample_psnr=psnr_from_mse(run.squared_error / run.sampled_values) if run.sampled_values else None,
         sample_images=run.sampled_images)
-
-
-def connect_ray(env: Mapping[str, str] = os.environ) -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start Ray in-process.
-
-    address="local" rather than ray.init()'s default: that would join any Ray already
-    running on this machine (another user's), not start our own.
-    """
-    if not ray.is_initialized():
-        ray.init(address=env.get("RAY_ADDRESS") or "local", log_to_driver=True)

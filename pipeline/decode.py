@@ -49,7 +49,7 @@ from tqdm import tqdm
 from model.images import encode_png
 
 from .archive import Archive, ArchiveError
-from .compress import actor_pool, connect_ray, runtime_env
+from .cluster import actor_pool, connect_ray, runtime_env
 from .storage import Location, open_location
 
 log = logging.getLogger(__name__)

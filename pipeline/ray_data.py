@@ -37,7 +37,7 @@ from model import Codec
 from model.registry import WeightsNotInstalled, load_codec_for
 
 from .archive import Archive, ArchiveError, decode_latents, decode_options, decompress, torch_threads
-from .compress import actor_pool, runtime_env
+from .cluster import actor_pool, runtime_env
 from .loader import check_image_format, image_tensor, stack_if_equal
 from .manifest import MANIFEST_SCHEMA
 
