@@ -35,6 +35,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .files import atomic_path
+
 if TYPE_CHECKING:
     from .codec import Codec
 
@@ -91,16 +93,13 @@ def save_weights(weights: Weights, path: str | Path, replace: bool = False) -> P
         if old != weights.digest and (not replace or catalog_entry(old.hex()) is not None):
             raise FileExistsError(f"{path} holds other weights ({describe_weights(old)}); weights that may have "
                                   "written streams are never changed in place: save these under another name")
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "codec": weights.codec, "name": weights.name,
                 "config": json.dumps(weights.config, sort_keys=True), "provenance": weights.provenance}
     if weights.training:
         metadata["training"] = json.dumps(weights.training, sort_keys=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.tensors.items()}
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    partial.chmod(0o644)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        save_file(tensors, str(partial), metadata=metadata)
     return path
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_path
 from ..paths import TRAIN_PHOTOS
 from ..registry import SHIPPED_DIR, Weights, load_codec, save_weights
 from .config import CDCConfig
@@ -85,9 +86,8 @@ class LatentCache:
                 parts[key].append(value)
             log.info("latent cache: %d of %d crops (%.0f s)", start + images.shape[0], cfg.crops, time.time() - started)
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path.with_suffix(".partial")))
-        path.with_suffix(".partial").rename(path)
+        with atomic_path(path) as partial:
+            save_file(tensors, str(partial))
         return cls(tensors)
 
     def batch(self, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
