@@ -10,7 +10,7 @@ Shared core:
     registry    weights files (safetensors + JSON metadata), name lookup, the catalog of released
                 weights (weights/catalog.json), FAMILIES table
     paths       where the team's shared data lives ($DIFFPRESS_SHARED or ../shared)
-    files       atomic_path: local files (weights, caches) written whole or not at all
+    files       atomic_path / atomic_folder: local files and checkpoints written whole or not at all
 Measuring:
     metrics     psnr, msssim
     evaluation  a codec's bpp, quality and timings on a set of images

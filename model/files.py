@@ -4,12 +4,16 @@ own for fsspec locations, storage.Location.write_atomic, since model/ knows no s
     with atomic_path(target) as partial:    # a hidden file beside target
         save_file(tensors, str(partial))    # anything that writes to a path
     # now target holds the new file; after an exception it is unchanged and partial is gone
+
+    with atomic_folder(checkpoint) as folder:   # the same for a folder of files (checkpoints)
+        save_file(model, str(folder / "model.safetensors")); ...
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,3 +32,24 @@ def atomic_path(target: str | Path, mode: int = 0o644) -> Iterator[Path]:
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """A fresh folder to fill in place of `target`; swapped in when the block ends without an
+    exception (the old folder set aside, then removed), else removed. A crash leaves the old
+    folder or the new one (at worst set aside as `<target>.old`, for a resume to find)."""
+    target = Path(target)
+    fresh, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
+    try:
+        yield fresh
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    fresh.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.files import atomic_path
+from model.files import atomic_folder, atomic_path
 
 
 def test_atomic_path_replaces_the_target_whole_or_leaves_it_untouched(tmp_path):
@@ -17,3 +17,16 @@ def test_atomic_path_replaces_the_target_whole_or_leaves_it_untouched(tmp_path):
         partial.write_bytes(b"half")
         raise RuntimeError("disk full")
     assert target.read_bytes() == b"first" and [p.name for p in target.parent.iterdir()] == ["weights.safetensors"]
+
+
+def test_atomic_folder_swaps_in_the_new_folder_or_keeps_the_old_one(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    for step in ("1", "2"):
+        with atomic_folder(checkpoint) as fresh:
+            (fresh / "state.json").write_text(step)
+            assert not (checkpoint / "state.json").exists() or (checkpoint / "state.json").read_text() != step
+    assert (checkpoint / "state.json").read_text() == "2"
+    with pytest.raises(KeyboardInterrupt), atomic_folder(checkpoint) as fresh:
+        (fresh / "state.json").write_text("3")
+        raise KeyboardInterrupt
+    assert (checkpoint / "state.json").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

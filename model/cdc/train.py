@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -32,6 +31,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_folder
 from ..metrics import psnr_from_mse
 from ..registry import SHIPPED_DIR, Weights, read_weights, resolve, save_weights
 from .codec import TRAINING_ONLY
@@ -225,19 +225,13 @@ def _hyper_synthesis_floats(tensors: dict[str, torch.Tensor]) -> dict[str, torch
 
 def save_checkpoint(folder: Path, model: CDCModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Replace the checkpoint atomically: a crash leaves the old one or the new one."""
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    opt = optimizer.state_dict()
-    save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()
-               if isinstance(v, torch.Tensor)}, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}))
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(folder) as fresh:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(fresh / "model.safetensors"))
+        opt = optimizer.state_dict()
+        save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()
+                   if isinstance(v, torch.Tensor)}, str(fresh / "optimizer.safetensors"))
+        (fresh / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}))
 
 
 def _resume(checkpoint: Path, cfg: TrainConfig, model: CDCModel, optimizer, sampler: CropSampler) -> dict:
