@@ -41,9 +41,13 @@ HERE = Path(__file__).resolve().parents[1]
 STREAMS = HERE / ".gpu" / "streams"
 ARCHIVE = HERE / ".gpu" / "archive"  # 256x256 crops compressed with cdc-hp128:q3, for the loader
 WHEELS = HERE / ".whl"
-# what the GPU machine lacks (it has torch and no network): constriction, pytorch-msssim, compressai's sdist
-WHEEL_SPECS = (["constriction", "pytorch-msssim"], ["--no-binary", ":all:", "compressai==1.2.8"])
-ARCHIVE_CROPS, CROP = 64, 256
+# what the GPU machine lacks (it has torch and no network): wheels for its Python (3.12, KINDS.md),
+# and compressai's sdist (built there)
+GPU_WHEELS = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+              *(f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")),
+              "constriction", "pytorch-msssim"]
+SDISTS = ["--no-binary", ":all:", "compressai==1.2.8"]
+ARCHIVE_CROPS, CROP, CROPS_PER_PHOTO = 1024, 256, 4
 LOADER_BATCH, LOADER_WORKERS, LOADER_EPOCHS = 64, 4, 6
 SYNTHESIS_BATCH = 8
 PHOTO_BYTES = 40 << 20
@@ -91,9 +95,10 @@ def prepare() -> None:
             np.save(STREAMS / f"{path.stem}.npy", np.stack(list(_pixels(codec, data).values())))
     (STREAMS / "expected.json").write_text(json.dumps(expected, indent=1))
     print(json.dumps(expected, indent=1))
-    _prepare_archive()
-    for spec in WHEEL_SPECS:
+    shutil.rmtree(WHEELS, ignore_errors=True)  # one version of each, or the install there stops
+    for spec in (GPU_WHEELS, SDISTS):
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(WHEELS), *spec], check=True)
+    _prepare_archive()
 
 
 def _prepare_weights_and_photos() -> None:
@@ -119,17 +124,23 @@ def _prepare_weights_and_photos() -> None:
 
 
 def _prepare_archive() -> None:
-    """ARCHIVE_CROPS crops of CROP x CROP from the dev photos as webdataset shards, compressed."""
+    """ARCHIVE_CROPS crops of CROP x CROP from the training photos (enough that a timed epoch of
+    the loader is thousands of images a second's worth, not start-up) as a shard, compressed."""
     import tempfile
 
     import ray
     import webdataset
 
-    from model.paths import DEV_PHOTOS
+    from model.paths import TRAIN_PHOTOS
     from pipeline.compress import CompressConfig, run_compress
-    photos = [decode_image(p.read_bytes())[0] for p in sorted(DEV_PHOTOS.glob("*.png"))]
-    crops = [photo[top:top + CROP, left:left + CROP] for photo in photos
-             for top in range(0, photo.shape[0] - CROP + 1, CROP) for left in range(0, photo.shape[1] - CROP + 1, CROP)]
+    crops = []
+    for path in sorted(TRAIN_PHOTOS.iterdir()):
+        if len(crops) >= ARCHIVE_CROPS:
+            break
+        photo = decode_image(path.read_bytes())[0]
+        crops += [photo[top:top + CROP, left:left + CROP] for top in range(0, photo.shape[0] - CROP + 1, CROP)
+                  for left in range(0, photo.shape[1] - CROP + 1, CROP)][:CROPS_PER_PHOTO]
+    shutil.rmtree(ARCHIVE, ignore_errors=True)  # prepare may run again: a fresh archive each time
     with tempfile.TemporaryDirectory() as folder:
         with webdataset.TarWriter(f"{folder}/crops-000.tar", mtime=0) as writer:
             for number, crop in enumerate(crops[:ARCHIVE_CROPS]):
@@ -214,8 +225,8 @@ def _synthesis_speed(codec, data: bytes, megapixels: float) -> dict:
 
 def _loader_speed() -> dict:
     """Images/s a training loop gets from ArchiveDataset(decode_on="device") over ARCHIVE: 4 CPU
-    workers decode latents, the GPU synthesizes (bf16) batches of LOADER_BATCH; the first epoch
-    warms up."""
+    workers decode latents, each collating its own batches of LOADER_BATCH, the GPU synthesizes
+    them (bf16); the first epoch warms up."""
     from torch.utils.data import DataLoader
 
     from pipeline.loader import ArchiveDataset, collate_samples

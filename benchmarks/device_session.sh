@@ -6,7 +6,7 @@
 set -u
 export PYTHONUNBUFFERED=1 DIFFPRESS_WEIGHTS=$PWD/.gpu/weights DIFFPRESS_SHARED=$PWD/.gpu/shared
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 # compressai ships no wheel for this Python: build it; if that fails, its Python parts with stub
 # coders suffice (training uses only its layers and entropy models, never its rANS).
 if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \

@@ -131,7 +131,7 @@ def webdataset_loader(urls: list[str], workers: int) -> dict:
 
 def breakdown(url: str, options: dict) -> dict:
     """Seconds for one image, in the main process on one thread: fetch, then decoding stages."""
-    archive = Archive(url)
+    archive = Archive(url, threads=1)
     row = archive.shard_records(archive.shards()[0])[0]
     codec = archive.codec
     started = time.perf_counter()

@@ -5,8 +5,9 @@ own for fsspec locations, storage.Location.write_atomic, since model/ knows no s
         save_file(tensors, str(partial))    # anything that writes to a path
     # now target holds the new file; after an exception it is unchanged and partial is gone
 
-    with atomic_folder(checkpoint) as folder:   # the same for a folder of files (checkpoints)
+    with atomic_folder(checkpoint) as folder:   # the same for a folder of files (checkpoints);
         save_file(model, str(folder / "model.safetensors")); ...
+    resume_from(recovered_folder(checkpoint))  # a swap cut off by a crash is undone first
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ def atomic_path(target: str | Path, mode: int = 0o644) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_folder(target: str | Path) -> Iterator[Path]:
     """A fresh folder to fill in place of `target`; swapped in when the block ends without an
-    exception (the old folder set aside, then removed), else removed. A crash leaves the old
-    folder or the new one (at worst set aside as `<target>.old`, for a resume to find)."""
-    target = Path(target)
-    fresh, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    exception (the old folder set aside, then removed), else removed. A crash between the two
+    renames leaves the old folder as `<target>.old`: `recovered_folder` puts it back."""
+    target = recovered_folder(target)
+    fresh, old = _beside(target, ".tmp"), _beside(target, ".old")
     shutil.rmtree(fresh, ignore_errors=True)
     fresh.mkdir(parents=True)
     try:
@@ -48,8 +49,25 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(fresh, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
-    fresh.rename(target)
+    try:
+        fresh.rename(target)
+    except OSError:
+        old.rename(target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recovered_folder(target: str | Path) -> Path:
+    """`target`, put back from `<target>.old` if an atomic_folder swap was cut off between its
+    renames (call it before reading a checkpoint)."""
+    target, old = Path(target), _beside(Path(target), ".old")
+    if not target.exists() and old.is_dir():
+        old.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _beside(target: Path, suffix: str) -> Path:
+    return target.with_name(target.name + suffix)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -260,10 +261,10 @@ def run_compress(config: CompressConfig) -> RunSummary:
     except OutputUnavailable as exc:  # another job's, read-only, full: the user's to sort out
         raise ConfigError(str(exc)) from exc
     with lease:
-        return _compress(config, shards, output)
+        return _compress(config, shards, output, lease)
 
 
-def _compress(config: CompressConfig, shards: list[Shard], output: Location) -> RunSummary:
+def _compress(config: CompressConfig, shards: list[Shard], output: Location, lease: OutputLease) -> RunSummary:
     """run_compress, once the inputs are listed and the output's lease is held."""
     committed = read_committed(output)  # one listing, one footer per manifest
     _refuse_other_sources(config, shards, committed)
@@ -272,7 +273,7 @@ def _compress(config: CompressConfig, shards: list[Shard], output: Location) -> 
     connect_ray()
     encoders, use_gpus = _start_encoders(config)
     try:
-        scheduler = _Scheduler(config, encoders, use_gpus)
+        scheduler = _Scheduler(config, encoders, use_gpus, lease.lost)
         scheduler.prefetch(pending)  # shards decode while the encoders load their codecs
         codec = ray.get(encoders[0].describe.remote())
         archive_inputs = _write_job_file(output, config, codec, shards)  # before any commit: refuses mixed archives
@@ -318,8 +319,8 @@ def _start_encoders(config: CompressConfig) -> tuple[list, bool]:
 class _Scheduler:
     """The driver loop: keeps every encoder busy, bounded prefetch, commits finished shards."""
 
-    def __init__(self, config: CompressConfig, encoders: list, use_gpus: bool):
-        self.config, self.encoders = config, encoders
+    def __init__(self, config: CompressConfig, encoders: list, use_gpus: bool, lease_lost: threading.Event):
+        self.config, self.encoders, self.lease_lost = config, encoders, lease_lost
         self.codec: stages.CodecInfo | None = None
         # Decoding is a small fraction of encoding. With GPUs it reserves a CPU of its own;
         # without, the encoders hold every CPU, so decode tasks reserve none (the driver
@@ -468,6 +469,9 @@ class _Scheduler:
         progress.finished = True
         if progress.failures:
             self._give_up(progress, progress.failures)
+            return
+        if self.lease_lost.is_set():
+            self._give_up(progress, ["another job took over the output's lease: not committed beside it"])
             return
         encoded = [progress.encoded[n] for n in sorted(progress.encoded)]
         progress.encoded.clear()

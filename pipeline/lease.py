@@ -7,18 +7,20 @@ shard whose records fail their CRC, and every rerun skips it as committed. Their
 updates can also lose each other's inputs, and one job's `_SUCCESS` then claims an archive
 the other is still writing.
 
-The driver writes the lease (Location.write_atomic) before any other write, so it is also
-the probe that the output is writable at all. It records host, pid, start and a heartbeat,
+The driver creates the lease before any other write (locally exclusively: a second job
+creating it at the same moment is refused), so it is also the probe that the output is
+writable at all. It records host, pid, boot and PID namespace, start and a heartbeat,
 refreshed every HEARTBEAT_SECONDS by a thread, and is removed when the run ends, failed or
 not. A job that finds a lease is refused (OutputUnavailable, naming the holder), unless the
-lease is stale: its heartbeat older than STALE_AFTER_SECONDS, or its pid gone on this host
-(a driver killed with SIGKILL leaves its lease behind); a stale lease is taken over with a
-warning.
+lease is stale: its heartbeat older than STALE_AFTER_SECONDS, or its pid gone in this same
+boot and PID namespace (a driver killed with SIGKILL leaves its lease behind); a stale lease
+is taken over with a warning. A lease this version cannot read is refused, not replaced. A
+run whose heartbeat finds its lease taken over sets `lost` and commits no further shard.
 
 Object stores have no create-if-absent, so two jobs starting at the same moment can both
 write a lease: each reads its own back, and the one that finds the other's gives up. What
-remains of that race is made harmless at commit: stages.commit_shard writes a manifest only
-if the blob it points at is still the one that commit wrote.
+remains of that race is narrowed at commit, not closed: stages.commit_shard writes a
+manifest only if the blob it points at still has the size and version that commit wrote.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import threading
 import uuid
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+
+from fsspec.implementations.local import LocalFileSystem
 
 from .storage import Location
 
@@ -53,6 +57,8 @@ class Holder:
     pid: int
     started: str
     heartbeat: str
+    # boot and PID namespace: containers may share a host name but not their process numbers
+    process_space: str = ""
 
     def describe(self) -> str:
         return (f"the compress job on {self.host} (pid {self.pid}, started {self.started}, last heartbeat "
@@ -62,7 +68,7 @@ class Holder:
         """Why the holder is gone, or None if it may still be running."""
         if _age(self.heartbeat) > STALE_AFTER_SECONDS:
             return f"its heartbeat is over {STALE_AFTER_SECONDS / 60:.0f} minutes old"
-        if self.host == platform.node() and not _process_exists(self.pid):
+        if (self.host, self.process_space) == (platform.node(), _process_space()) and not _process_exists(self.pid):
             return f"its process {self.pid} no longer runs on this host"
         return None
 
@@ -74,8 +80,9 @@ class OutputLease:
     def __init__(self, output: Location, mine: Holder):
         self.output, self.mine = output, mine
         self.stop = threading.Event()
-        self.heartbeat = threading.Thread(target=_beat, args=(output, mine, self.stop), name="diffpress-lease",
-                                          daemon=True)
+        self.lost = threading.Event()  # set when another job took the lease over: commit nothing more
+        self.heartbeat = threading.Thread(target=_beat, args=(output, mine, self.stop, self.lost),
+                                          name="diffpress-lease", daemon=True)
 
     @classmethod
     def take(cls, output: Location, shown_as: str) -> OutputLease:
@@ -105,9 +112,15 @@ def _take(output: Location, shown_as: str) -> Holder:
                 "yourself")
         log.warning("taking over the lease on %s from %s: %s", shown_as, previous.describe(), stale)
     now = _now()
-    mine = Holder(uuid.uuid4().hex, platform.node(), os.getpid(), now, now)
+    mine = Holder(uuid.uuid4().hex, platform.node(), os.getpid(), now, now, _process_space())
     try:
-        _write(output, mine)
+        if previous is not None:
+            output.remove(LEASE_FILE)
+        _create(output, mine)
+    except FileExistsError:
+        found = _read(output)
+        raise OutputUnavailable(f"{shown_as} was taken at the same moment by "
+                                f"{found.describe() if found else 'another job'}: write to another --output") from None
     except OSError as exc:  # read-only, full, no permission: every shard would fail the same way
         raise OutputUnavailable(f"cannot write to {shown_as} ({type(exc).__name__}: {exc}); give a writable "
                                 "--output") from exc
@@ -118,13 +131,14 @@ def _take(output: Location, shown_as: str) -> Holder:
     return mine
 
 
-def _beat(output: Location, mine: Holder, stop: threading.Event) -> None:
+def _beat(output: Location, mine: Holder, stop: threading.Event, lost: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_SECONDS):
         try:
             found = _read(output)
             if found is None or found.token != mine.token:
-                log.error("the lease on the output was taken over by %s: another job writes there now",
+                log.error("the lease on the output was taken over by %s: this run commits nothing more",
                           found.describe() if found else "nobody (it was deleted)")
+                lost.set()
                 return
             _write(output, replace(mine, heartbeat=_now()))
         except Exception:  # noqa: BLE001 - a full disk or a network blip: the run goes on, try again
@@ -151,13 +165,44 @@ def _read(output: Location) -> Holder | None:
         return Holder(**json.loads(output.read(LEASE_FILE)))
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError):  # written by no version of this code (write_atomic leaves no halves)
-        log.warning("the output's %s is not a lease this version writes; replacing it", LEASE_FILE)
-        return None
+    except (ValueError, TypeError) as exc:  # write_atomic leaves no halves: another program's, or newer
+        raise OutputUnavailable(f"the output holds a {LEASE_FILE} this version cannot read ({exc}): if no "
+                                f"compress job is running there, delete {LEASE_FILE}") from exc
 
 
 def _write(output: Location, holder: Holder) -> None:
-    output.write_atomic(LEASE_FILE, json.dumps(asdict(holder), indent=1).encode())
+    output.write_atomic(LEASE_FILE, _encoded(holder))
+
+
+def _create(output: Location, holder: Holder) -> None:
+    """Write the lease where none is; FileExistsError if one appeared meanwhile. Locally that is
+    exact (a whole temporary file hard-linked into place, which fails if the name exists).
+    Object stores have no create-if-absent: an atomic write, then _take's read-back."""
+    if not isinstance(output.fs, LocalFileSystem):
+        _write(output, holder)
+        return
+    target = output.path(LEASE_FILE)
+    os.makedirs(output.root, exist_ok=True)
+    temporary = f"{target}.{holder.token}"
+    with open(temporary, "wb") as file:
+        file.write(_encoded(holder))
+    try:
+        os.link(temporary, target)
+    finally:
+        os.unlink(temporary)
+
+
+def _encoded(holder: Holder) -> bytes:
+    return json.dumps(asdict(holder), indent=1).encode()
+
+
+def _process_space() -> str:
+    """This machine boot's id and this process's PID namespace (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            return f"{file.read().strip()}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
 
 
 def _now() -> str:

@@ -30,8 +30,9 @@ codec's decompress_batch (adjacent records in one ranged read, prefixes alone fo
 start method, or do not touch CUDA in the main process before the workers fork).
 
 Decoding on the training GPU, `decode_on="device"`: the workers run only the exact half of
-decoding (entropy decoding, integer networks: cheap, CPU) and yield `latents` instead of
-`image`; a Synthesizer runs the float half batched on the GPU, in the training loop:
+decoding (CDC: entropy decoding and the integer hyper-synthesis, cheap, CPU) and yield
+`latents` instead of `image` (UQDM, whose exact half is its whole decode, yields the streams);
+a Synthesizer runs the rest batched on the GPU, in the training loop:
 
     dataset = ArchiveDataset(url, decode_on="device", layout="CHW", dtype=torch.float32)
     loader = DataLoader(dataset, batch_size=64, num_workers=4, collate_fn=collate_samples)
@@ -57,7 +58,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from model.codec import Latents
 
-from .archive import Archive
+from .archive import Archive, synthesize_on_device
 
 EQUAL_LENGTHS = (None, "pad", "drop")
 DECODE_ON = ("worker", "device")
@@ -163,9 +164,9 @@ class ArchiveDataset(IterableDataset):
     def synthesizer(self, device: str | torch.device | None = None, **options) -> Synthesizer:
         """The Synthesizer for this dataset's latents (decode_on="device"), with its steps, layout
         and dtype, on `device` (default: CUDA when present, else the CPU); options: autocast,
-        channels_last (see Synthesizer)."""
-        return Synthesizer(self.url, self.storage_options, device=device, steps=self.steps, layout=self.layout,
-                           dtype=self.dtype, allow_incomplete=self.allow_incomplete, **options)
+        channels_last, threads (see Synthesizer)."""
+        return Synthesizer(self.url, self.storage_options, device=device, steps=self.steps, chunks=self.chunks,
+                           layout=self.layout, dtype=self.dtype, allow_incomplete=self.allow_incomplete, **options)
 
     def _archive(self) -> Archive:
         """This process's reader (and codec), kept across epochs: persistent workers load the codec once."""
@@ -181,29 +182,37 @@ class ArchiveDataset(IterableDataset):
 
 
 class Synthesizer:
-    """The float half of decoding, batched on one device: latents from ArchiveDataset(...,
-    decode_on="device") -> images there, as the workers would have decoded them (within the
-    codecs' tested pixel bound on another device or with autocast).
+    """The device half of decoding, batched on one device: latents from ArchiveDataset(...,
+    decode_on="device") -> images there. On a CPU with `threads=1` (the default) the pixels are
+    the workers' bit for bit; on a GPU, with more threads or with autocast, within the codecs'
+    tested pixel bound. UQDM's workers pass the streams on and the device decodes them whole
+    (its exact half is its whole decode, far faster on a GPU).
 
-    `synthesize(batch)` takes a collated batch (its "latents"), one sample, or a list of Latents,
-    and returns a B x ... tensor on the device (a list when the images differ in size).
-    `autocast` (e.g. torch.bfloat16) and `channels_last` are CDC's speed options."""
+    `synthesize(batch)` takes a collated batch (its "latents"), one sample, or a list of latents,
+    and returns a B x ... tensor on the device (a list when the images differ in size), in
+    `layout` and `dtype` as the dataset yields them. `autocast` (e.g. torch.bfloat16) and
+    `channels_last` are CDC's speed options."""
 
     def __init__(self, url: str, storage_options: Mapping | None = None, *, device: str | torch.device | None = None,
-                 steps: int | None = None, layout: str = "CHW", dtype: torch.dtype = torch.uint8,
-                 autocast: torch.dtype | None = None, channels_last: bool = False, allow_incomplete: bool = False):
+                 steps: int | None = None, chunks: int | None = None, layout: str = "HWC",
+                 dtype: torch.dtype = torch.uint8, autocast: torch.dtype | None = None, channels_last: bool = False,
+                 threads: int | None = 1, allow_incomplete: bool = False):
         check_image_format(layout, dtype)
         archive = Archive(url, storage_options, device=device, allow_incomplete=allow_incomplete)
-        self.options = archive.decode_options(steps)  # what this archive cannot take fails here
+        self.options = archive.decode_options(steps, chunks)  # what this archive cannot take fails here
         if autocast is not None or channels_last:
+            if archive.progressive:
+                raise ValueError("autocast and channels_last are CDC's speed options; UQDM decodes exactly")
             self.options.update(autocast=autocast, channels_last=channels_last)
         self.codec, self.layout, self.dtype = archive.codec, layout, dtype  # the weights load now, not mid-epoch
-        self.device = self.codec.device
+        self.device, self.url, self.threads = self.codec.device, url, threads
 
-    def __call__(self, batch: Mapping | Latents | Sequence[Latents]) -> torch.Tensor | list[torch.Tensor]:
+    def __call__(self, batch: Mapping | Latents | bytes | Sequence[Latents | bytes]) -> torch.Tensor | list[torch.Tensor]:
         latents = batch["latents"] if isinstance(batch, Mapping) else batch
-        latents = [latents] if isinstance(latents, Latents) else list(latents)
-        images = self.codec.synthesize_tensors(latents, **self.options)
+        latents = [latents] if isinstance(latents, (Latents, bytes)) else list(latents)
+        rows = ([{"key": key, "shard": shard} for key, shard in zip(batch["__key__"], batch["__shard__"])]
+                if isinstance(batch, Mapping) and "__key__" in batch else [{"key": "?"}] * len(latents))
+        images = synthesize_on_device(self.codec, latents, self.options, rows, self.url, self.threads)
         return stack_if_equal([shaped(image, self.layout, self.dtype) for image in images])
 
 

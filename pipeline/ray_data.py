@@ -14,7 +14,8 @@ two shards gives two rows. TorchCollate makes torch batches of those columns for
 iter_torch_batches (whose default conversion refuses string columns).
 
 The decoders load the codec named by the records' `codec` column (checking `weights_digest`)
-and decode through the same path as Archive.decode and the loader, so the pixels are the same.
+and decode through the same path as Archive.decode and the loader, on one thread each: the
+pixels of the loader's workers and of Archive(url, threads=1).
 With GPU decoders (or split=True) decoding runs in two stages: LatentDecoder (CPU actors:
 `data` -> pickled `latents`), then LatentSynthesizer (GPU actors: `latents` -> `image`).
 """
@@ -36,8 +37,8 @@ from ray.data.extensions import ArrowVariableShapedTensorArray
 from model import Codec
 from model.registry import WeightsNotInstalled, load_codec_for
 
-from .archive import Archive, ArchiveError, decode_latents, decode_options, decompress, torch_threads
-from .cluster import actor_pool, runtime_env
+from .archive import Archive, ArchiveError, decode_latents, decode_options, decompress, synthesize_on_device
+from .cluster import ConfigError, actor_pool, runtime_env
 from .loader import check_image_format, image_tensor, stack_if_equal
 from .manifest import MANIFEST_SCHEMA
 
@@ -119,11 +120,12 @@ def decode_records(records: ray.data.Dataset, steps: int | None = None, *, batch
     if not (gpus > 0 if split is None else split):
         return records.map_batches(RecordDecoder, fn_constructor_kwargs={"steps": steps}, concurrency=count,
                                    num_cpus=1, num_gpus=gpus, **options)
-    cpus_left = int(ray.cluster_resources().get("CPU", 0)) - count
+    # CPUs free now, not in all: a pool sized past them would wait for its missing actors
+    cpus_left = int(ray.available_resources().get("CPU", 0)) - count
     if cpus_left < 1:
-        raise ArchiveError(f"decoding in two stages needs a CPU beside the {count} synthesis actors; the cluster "
-                           f"has {cpus_left + count}: lower actors")
-    latents = records.map_batches(LatentDecoder, concurrency=cpus_left, num_cpus=1, **options)
+        raise ConfigError(f"decoding in two stages needs a free CPU beside the {count} synthesis actors; the "
+                          f"cluster has {cpus_left + count} free: lower actors, or split=False")
+    latents = records.map_batches(LatentDecoder, concurrency=(1, cpus_left), num_cpus=1, **options)
     return latents.map_batches(LatentSynthesizer, fn_constructor_kwargs={"steps": steps}, concurrency=count,
                                num_cpus=1, num_gpus=gpus, **options)
 
@@ -161,12 +163,16 @@ class RecordDecoder:
 
 class LatentDecoder(RecordDecoder):
     """The exact half, on a CPU actor: `data` -> `latents` (the codec's Latents, pickled: they
-    are our own objects passing between our own stages)."""
+    are our own objects passing between our own stages). A progressive codec's exact half is
+    its whole decode, faster on the GPU: its records pass on as their bytes."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         latents: list[bytes] = []
         rows, datas = batch.drop_columns(["data", "extras"]).to_pylist(), batch["data"].to_pylist()
         for codec, what, group in self.groups(rows):
+            if codec.progressive:
+                latents += [datas[i] for i in group]
+                continue
             options = decode_options(codec.progressive, what, None, rows[group[0]]["chunks"])
             decoded = decode_latents(codec, [datas[i] for i in group], [rows[i] for i in group], options,
                                      url=f"a Dataset of {what}")
@@ -175,16 +181,16 @@ class LatentDecoder(RecordDecoder):
 
 
 class LatentSynthesizer(RecordDecoder):
-    """The float half, batched on the actor's device: `latents` -> `image`."""
+    """The device half, batched on the actor's device: `latents` -> `image`."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images: list[np.ndarray] = []
-        rows = batch.drop_columns(["latents", "extras"]).to_pylist()
-        latents = [pickle.loads(item) for item in batch["latents"].to_pylist()]
+        rows, blobs = batch.drop_columns(["latents", "extras"]).to_pylist(), batch["latents"].to_pylist()
         for codec, what, group in self.groups(rows):
-            options = decode_options(codec.progressive, what, self.steps, None)
-            with torch_threads(codec.device):  # one thread, as decompress: the pixels of every other reader
-                images += codec.synthesize([latents[i] for i in group], **options)
+            items = [blobs[i] if codec.progressive else pickle.loads(blobs[i]) for i in group]
+            options = decode_options(codec.progressive, what, self.steps, rows[group[0]]["chunks"])
+            tensors = synthesize_on_device(codec, items, options, [rows[i] for i in group], f"a Dataset of {what}")
+            images += [np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()) for image in tensors]
         return batch.drop_columns(["latents"]).append_column("image", _tensor_column(images))
 
 

@@ -21,7 +21,7 @@ import pytest
 from ray._private import state
 
 from jobs import compress_bucket
-from pipeline import stages
+from pipeline import lease, stages
 from pipeline.compress import CompressConfig, ConfigError, run_compress
 from pipeline.lease import LEASE_FILE, STALE_AFTER_SECONDS, OutputLease, OutputUnavailable
 from pipeline.manifest import SUCCESS_FILE, data_path, manifest_path, read_manifests
@@ -67,10 +67,11 @@ def test_a_second_job_on_an_output_in_use_is_refused_naming_the_first(tmp_path, 
     assert not (out / LEASE_FILE).exists() and (out / SUCCESS_FILE).exists()
 
 
-def write_lease(folder: Path, host: str, pid: int, heartbeat_age: float) -> None:
+def write_lease(folder: Path, host: str, pid: int, heartbeat_age: float, space: str | None = None) -> None:
     moment = (datetime.now(timezone.utc) - timedelta(seconds=heartbeat_age)).isoformat(timespec="seconds")
     (folder / LEASE_FILE).write_text(json.dumps({"token": "theirs", "host": host, "pid": pid, "started": moment,
-                                                 "heartbeat": moment}))
+                                                 "heartbeat": moment,
+                                                 "process_space": lease._process_space() if space is None else space}))
 
 
 def test_a_lease_whose_job_is_gone_is_taken_over_with_a_warning_and_a_live_one_is_not(tmp_path, caplog):
@@ -91,6 +92,46 @@ def test_a_lease_whose_job_is_gone_is_taken_over_with_a_warning_and_a_live_one_i
                                                 r"last heartbeat 6\d s ago\).* delete _RUNNING"):
         OutputLease.take(output, "OUT")
     assert json.loads((tmp_path / LEASE_FILE).read_text())["token"] == "theirs"  # left as it was
+
+
+def test_a_dead_pid_in_another_pid_namespace_of_this_host_does_not_make_a_lease_stale(tmp_path):
+    """Containers may share the host name, not process numbers: only the heartbeat tells there."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    write_lease(tmp_path, platform.node(), gone.pid, 60, space="other-boot:pid:[1]")
+    with pytest.raises(OutputUnavailable, match="is in use by"):
+        OutputLease.take(open_location(str(tmp_path)), "OUT")
+
+
+def test_a_lease_this_version_cannot_read_is_refused_not_replaced(tmp_path):
+    (tmp_path / LEASE_FILE).write_text(json.dumps({"token": "t", "format": "from a newer version"}))
+    with pytest.raises(OutputUnavailable, match="cannot read .* delete _RUNNING"):
+        OutputLease.take(open_location(str(tmp_path)), "OUT")
+    assert "newer" in (tmp_path / LEASE_FILE).read_text()
+
+
+def test_of_two_jobs_taking_a_free_lease_at_once_one_is_refused(tmp_path, monkeypatch):
+    """Locally the lease is created exclusively: the job whose look found no lease, but which
+    comes second, is refused (object stores rely on reading the lease back)."""
+    write_lease(tmp_path, "elsewhere", 1, 0)  # the first job's, written after the second one looked
+    looks, real_read = [], lease._read
+
+    def first_look_finds_nothing(output):
+        looks.append(output)
+        return None if len(looks) == 1 else real_read(output)
+
+    monkeypatch.setattr(lease, "_read", first_look_finds_nothing)
+    with pytest.raises(OutputUnavailable, match="taken at the same moment by the compress job on elsewhere"):
+        OutputLease.take(open_location(str(tmp_path)), "OUT")
+    assert json.loads((tmp_path / LEASE_FILE).read_text())["token"] == "theirs"
+
+
+def test_a_run_whose_lease_is_taken_over_commits_nothing_more(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease, "HEARTBEAT_SECONDS", 0.02)
+    with OutputLease.take(open_location(str(tmp_path)), "OUT") as held:
+        write_lease(tmp_path, "elsewhere", 1, 0)  # another job took it over
+        assert held.lost.wait(5), "the heartbeat did not notice the takeover"
+    assert json.loads((tmp_path / LEASE_FILE).read_text())["token"] == "theirs"  # theirs is left in place
 
 
 def test_a_manifest_is_not_written_over_a_blob_another_job_replaced(tmp_path):

@@ -272,16 +272,20 @@ def test_a_blob_truncated_after_its_commit_is_refused_by_every_reader(cdc_archiv
 
 
 def test_latents_of_a_uqdm_archive_synthesize_to_its_exact_prefix_images(uqdm_archive, uqdm):
-    """UQDM's exact half is its whole decode: the Synthesizer only moves the pixels; steps are refused."""
+    """UQDM's exact half is its whole decode: the workers pass the (prefix) streams on and the
+    Synthesizer decodes them on its device; steps and CDC's speed options are refused."""
     archive = Archive(str(uqdm_archive), codec=uqdm)
     rows = archive.shard_records("u-000")
-    synthesize = Synthesizer(str(uqdm_archive), device="cpu", layout="HWC")
+    synthesize = Synthesizer(str(uqdm_archive), device="cpu", chunks=2)
     images = synthesize(archive.latents_of_rows(rows, chunks=2))
     assert isinstance(images, list)  # two sizes: not stacked
     for row, image in zip(rows, images):
         assert np.array_equal(image.numpy(), archive.decode(row["key"], chunks=2, shard="u-000"))
+    assert all(isinstance(item, bytes) for item in archive.latents_of_rows(rows, chunks=2))
     with pytest.raises(ArchiveError, match="choose the prefix with chunks"):
         Synthesizer(str(uqdm_archive), steps=2)
+    with pytest.raises(ValueError, match="UQDM decodes exactly"):
+        Synthesizer(str(uqdm_archive), autocast=torch.bfloat16)
 
 
 def test_ray_data_in_two_stages_decodes_what_archive_decode_decodes(cdc_archive, uqdm_archive):

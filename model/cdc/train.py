@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..files import atomic_folder
+from ..files import atomic_folder, recovered_folder
 from ..metrics import psnr_from_mse
 from ..registry import SHIPPED_DIR, Weights, read_weights, resolve, save_weights
 from .codec import TRAINING_ONLY
@@ -115,7 +115,7 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None,
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker and rerun
     model = CDCModel(cfg.model)
-    checkpoint = Path(cfg.run_dir) / "checkpoint"
+    checkpoint = recovered_folder(Path(cfg.run_dir) / "checkpoint")
     resuming = (checkpoint / "state.json").is_file()
     state = {"step": 0, "total": cfg.steps, "stage": cfg.stage, "curve": [], "elapsed_s": 0.0}
     if not resuming and cfg.init_from and not Path(cfg.init_from, "model.safetensors").is_file():
