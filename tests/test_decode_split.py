@@ -81,7 +81,8 @@ def test_bf16_content_decoder_and_channels_last_stay_within_the_pixel_bound(cdc,
     2), at most 1 (channels_last). fp16 is allowed as well but slow on CPUs."""
     latents = cdc.decode_latents([cdc.compress(photo_crop(150, 120, 128, 192))])
     reference = cdc.synthesize(latents, steps)
-    for options in ({"autocast": torch.bfloat16}, {"channels_last": True}):
+    for options in ({"autocast": torch.bfloat16}, {"channels_last": True},
+                    {"autocast": torch.bfloat16, "channels_last": True}):  # together, as benchmarks/device_session
         assert levels_apart(cdc.synthesize(latents, steps, **options), reference) <= PIXEL_BOUND, options
 
 
