@@ -18,8 +18,10 @@ if its manifest records the same source URL: another shard under the same name i
 One job per output: the driver holds the output's lease (`_RUNNING`, pipeline.lease) from
 before its first write to its end, failed or not; a second job is refused (ConfigError,
 naming the first) unless the lease is stale (no heartbeat for 10 minutes, or its process gone
-on this host, as after SIGKILL), which it takes over with a warning. Taking the lease is also
-the probe that the output is writable (read-only, full: refused before Ray starts). An input
+on this host, as after SIGKILL), which it takes over with a warning; a run whose lease is
+taken over commits no further shard. Taking the lease is also the probe that the output is
+writable (read-only, or too full for even the lease: refused before Ray starts; a disk that
+fills later leaves shards uncommitted with the OSError). An input
 shard that is not the file listed, before or after it is read (replaced, truncated), is left
 uncommitted ("changed since listing"), and a rerun reads it as it is then.
 """
