@@ -23,9 +23,9 @@ fewer images than the run counted. Records are located by the archive's own layo
 
 Threads: the float decoders (CDC) give pixels that depend on torch's thread count, within
 the codecs' tested bound of two levels. An Archive decodes with torch's threads (by default
-one per physical core); `threads=1` gives bit for bit the pixels
-of the parallel readers (loader workers, decode actors, Ray Data), which decode on one
-thread each since their parallelism is across processes.
+one per physical core); `threads=1` gives bit for bit the pixels of the parallel readers
+(loader workers, decode actors, Ray Data), which decode on one thread each since their
+parallelism is across processes.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ The decoders load the codec named by the records' `codec` column (checking `weig
 and decode through the same path as Archive.decode and the loader, on one thread each: the
 pixels of the loader's workers and of Archive(url, threads=1).
 With GPU decoders (or split=True) decoding runs in two stages: LatentDecoder (CPU actors:
-`data` -> pickled `latents`), then LatentSynthesizer (GPU actors: `latents` -> `image`).
+`data` -> pickled `latents`; UQDM's streams as they are), then LatentSynthesizer (GPU actors:
+`latents` -> `image`).
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ def decode_records(records: ray.data.Dataset, steps: int | None = None, *, batch
     `steps`: CDC's diffusion steps (UQDM's prefix was chosen when reading, with chunks).
 
     `split` (default: when the decoders have GPUs) decodes in two stages, as the loader's
-    decode_on="device" does: the exact half (entropy decoding, integer networks) on CPU actors
-    using the CPUs the GPU actors leave, then the float half batched on the GPU actors."""
+    decode_on="device" does: CDC's exact half (entropy decoding, integer hyper-synthesis) on CPU
+    actors using the CPUs the GPU actors leave, then the rest batched on the GPU actors (UQDM,
+    whose exact half is its whole decode, is decoded there whole)."""
     count, gpus = actor_pool(actors, gpus_per_actor, "decoders")
     options = {"batch_size": batch_size, "batch_format": "pyarrow", "runtime_env": runtime_env(), **map_args}
     if not (gpus > 0 if split is None else split):
