@@ -49,12 +49,14 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(fresh, ignore_errors=True)
         raise
-    if target.exists():
+    had_old = target.exists()
+    if had_old:
         target.rename(old)
     try:
         fresh.rename(target)
     except OSError:
-        old.rename(target)
+        if had_old:  # the old folder back under its name, not only as .old
+            old.rename(target)
         raise
     shutil.rmtree(old, ignore_errors=True)
 
