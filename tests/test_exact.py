@@ -6,7 +6,11 @@ decoding alike on other kernels, and the import making one digest everywhere.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model import exact
-from model.exact import scalar
+from model.exact import digits, scalar
 from model.exact.tables import SIGMOID_FRAC, SIGMOID_ONE, build_tables, tables
 
 
@@ -37,6 +41,60 @@ def test_integer_convolutions_give_the_exact_integers_at_the_bounds(stride, padd
     for conv in (exact.conv2d, exact.im2col_conv2d):
         found = conv(x, weight, stride=stride, padding=padding)
         assert torch.equal(found.long(), expected) and torch.equal(found, found.round())
+
+
+@pytest.mark.skipif(not digits.int8_gemm_is_exact(), reason="this machine's int8 GEMM is not exact (no VNNI)")
+@pytest.mark.parametrize("stride,padding,k", [(1, 1, 3), (2, 2, 5), (1, 0, 1)])
+def test_digit_convolutions_give_the_exact_integers_at_the_int16_extremes(stride, padding, k):
+    generator = torch.Generator().manual_seed(3)
+    bound = 1 << 15
+    x = torch.randint(-bound, bound, (2, 64, 11, 10), generator=generator).double()
+    weight = torch.randint(-exact.INT16, exact.INT16 + 1, (9, 64, k, k), generator=generator).double()
+    # the digit split's edge cases: the extremes, -2^15, 0 (which padding also adds) and 255/256
+    x.view(-1)[:7] = torch.tensor([bound - 1, 1 - bound, -bound, 0, 255, 256, -129], dtype=torch.float64)
+    weight.view(-1)[:4] = torch.tensor([exact.INT16, -32768, 0, -1], dtype=torch.float64)
+    bias = torch.randint(-(1 << 40), 1 << 40, (2, 9), generator=generator).double()  # per image, as UQDM's
+    found = digits.conv2d(x, weight, bias, stride=stride, padding=padding)
+    expected = integer_conv(x, weight, stride, padding) + bias.long()[:, :, None, None]
+    assert found.dtype == torch.float64 and torch.equal(found.long(), expected)
+
+
+def test_conv2d_takes_the_digit_kernels_only_where_the_operands_fit_int16(monkeypatch):
+    calls = []
+    monkeypatch.setattr(digits, "int8_gemm_is_exact", lambda: True)
+    monkeypatch.setattr(digits, "conv2d", lambda *args: calls.append(args) or torch.zeros(()))
+    big = torch.full((1, 32, 64, 64), 7.0, dtype=torch.float64)
+    weight = torch.ones(32, 32, 3, 3, dtype=torch.float64)
+    exact.conv2d(big, weight, padding=1)
+    assert len(calls) == 1
+    exact.conv2d(big * 2 ** 13, weight, padding=1)          # activations past int16: float64 path
+    exact.conv2d(big, weight * 2 ** 15, padding=1)          # weights past int16: float64 path
+    exact.conv2d(big[:, :, :8, :8], weight, padding=1)      # too small to pay: float64 path
+    assert len(calls) == 1
+
+
+PROBE_CHILD = """
+import torch
+from model.exact import digits
+a = torch.full((64, 256), 127, dtype=torch.int8)
+exact = torch.equal(torch._int_mm(a, a.t().contiguous()).long(), a.long() @ a.long().t())
+print(digits.int8_gemm_is_exact(), exact)
+"""
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "SSE41", "AVX512_CORE", None])
+def test_the_int8_probe_turns_the_digit_kernels_off_where_int8_gemms_saturate(isa):
+    # oneDNN's kernels without VNNI sum pairs in saturating int16: 127 x 127 runs come out wrong
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"} | ({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})
+    result = subprocess.run([sys.executable, "-c", PROBE_CHILD], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent, timeout=120)
+    probe, exact_here = result.stdout.split()
+    assert result.returncode == 0 and probe == exact_here, result.stderr[-2000:]
+
+
+def test_digits_refuse_sums_that_could_leave_the_exact_range():
+    with pytest.raises(ValueError, match="stay exact"):
+        digits.conv2d(torch.zeros(1, 4096, 3, 3, dtype=torch.float64), torch.zeros(1, 4096, 3, 3, dtype=torch.float64))
 
 
 def integer_conv_transpose(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,

@@ -8,12 +8,13 @@ kernels failed to decode under AVX2 or scalar kernels; an import gave three dige
 one AMD machine). The scheme, after Ballé, Johnston & Minnen, "Integer networks for data
 compression with latent-variable models" (2019):
 
-- Integer-valued tensors in float64 (`layers`). Weights are integers (|w| < 2^15) with a
-  float scale per output channel; activations are integers (|x| < 2^15, or 2^20 where
-  stated) with a power-of-two scale 2^-e per tensor. Every product and every partial sum
-  of a convolution or matmul is then an integer below 2^53, which float64 represents
-  exactly: any summation order, kernel, thread count, batch size or device gives the same
-  bits. Convolutions are GEMMs that only add exact products (im2col, col2im), never
+- Integer-valued tensors in float64 (`layers`; large int16 convolutions on exact int8
+  GEMMs, `digits`). Weights are integers (|w| < 2^15) with a float scale per output
+  channel; activations are integers (|x| < 2^15, or 2^20 where stated) with a
+  power-of-two scale 2^-e per tensor. Every product and every partial sum of a
+  convolution or matmul is then an integer below 2^53, which float64 represents exactly:
+  any summation order, kernel, thread count, batch size or device gives the same bits.
+  Convolutions are GEMMs that only add exact products (im2col, col2im), never
   Winograd or FFT algorithms (inexact even on integers); float64 has no TF32/bf16 shortcut.
 - Between integer stages only correctly rounded IEEE operations (+, -, *, /, sqrt) on
   tensors, in a fixed order, then round-half-even: identical on every IEEE-754 machine.
@@ -28,7 +29,8 @@ compression with latent-variable models" (2019):
 - Shared randomness (dither, noise) from an integer hash, not a platform's RNG (`noise`).
 
 Modules: layers (integer conv, GroupNorm, SiLU/softplus/sigmoid lookups, weight
-quantization), coding (integer rows, fixed-point sigmoid and exp), noise (counter hash,
+quantization), digits (the same int16 convolutions on int8 GEMMs, where this machine's
+int8 GEMM passes an exactness probe), coding (integer rows, fixed-point sigmoid and exp), noise (counter hash,
 normal noise, dither), tables (the committed function tables), scalar (import-time maths).
 Their public names are re-exported here: `from model import exact; exact.conv2d(...)`.
 Tests: tests/test_exact.py.
