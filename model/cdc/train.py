@@ -16,7 +16,6 @@ noise it would have drawn (CPU; on a GPU the device's generator is not restored)
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -28,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..files import atomic_folder, recovered_folder
+from ..files import recovered_folder
 from ..metrics import psnr_from_mse
 from ..registry import SHIPPED_DIR, Weights, read_weights, resolve, save_weights
+from ..training import CropSampler, load_optimizer_state, save_checkpoint, write_curve
 from .codec import TRAINING_ONLY
 from .config import CDCConfig, TrainConfig
 from .exact_parts import HYPER_GEOMETRY, export_exact
@@ -42,46 +41,6 @@ from .model import CDCModel
 log = logging.getLogger(__name__)
 
 CURVE_FIELDS = ["step", "elapsed_s", "stage", "loss", "bpp", "psnr_mean", "diffusion_mse", "lr"]
-
-
-class CropSampler:
-    """Random square crops with random flips, from photos held in memory at several scales.
-
-    The evaluation photos are downsampled originals; copies of the training photos at 0.6x
-    (antialiased) have the same detail per pixel.
-    """
-
-    def __init__(self, folder: str | Path, crop: int, seed: int, scales: tuple[float, ...] = (1.0,)):
-        folder = Path(folder)
-        if folder.name == "dev":
-            raise ValueError(f"{folder} is the evaluation set; train on photos/train")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        self.images = [img for path in files for img in _scaled(path, scales) if min(img.shape[:2]) >= crop]
-        if not self.images:
-            raise FileNotFoundError(f"no training photos of at least {crop} px in {folder}")
-        self.crop, self.rng = crop, np.random.default_rng(seed)
-
-    def batch(self, size: int) -> torch.Tensor:
-        """(size, 3, crop, crop) uint8."""
-        crops = []
-        for _ in range(size):
-            img = self.images[self.rng.integers(len(self.images))]
-            top = self.rng.integers(img.shape[0] - self.crop + 1)
-            left = self.rng.integers(img.shape[1] - self.crop + 1)
-            patch = img[top:top + self.crop, left:left + self.crop]
-            if self.rng.random() < 0.5:
-                patch = patch[:, ::-1]
-            if self.rng.random() < 0.5:
-                patch = patch[::-1]
-            crops.append(patch)
-        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
-
-
-def _scaled(path: Path, scales: tuple[float, ...]) -> list[np.ndarray]:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        return [np.asarray(image if s == 1.0 else image.resize((round(image.width * s), round(image.height * s)),
-                                                               Image.Resampling.LANCZOS)) for s in scales]
 
 
 def to_unit(batch: torch.Tensor) -> torch.Tensor:
@@ -223,28 +182,13 @@ def _hyper_synthesis_floats(tensors: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def save_checkpoint(folder: Path, model: CDCModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Replace the checkpoint atomically: a crash leaves the old one or the new one."""
-    with atomic_folder(folder) as fresh:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(fresh / "model.safetensors"))
-        opt = optimizer.state_dict()
-        save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()
-                   if isinstance(v, torch.Tensor)}, str(fresh / "optimizer.safetensors"))
-        (fresh / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}))
-
-
 def _resume(checkpoint: Path, cfg: TrainConfig, model: CDCModel, optimizer, sampler: CropSampler) -> dict:
     state = json.loads((checkpoint / "state.json").read_text())
     if state["stage"] != cfg.stage:
         raise ValueError(f"{checkpoint} holds stage {state['stage']!r}; this run is {cfg.stage!r}: "
                          "start the next stage in a new run dir with init_from")
     load_model_state(model, checkpoint)
-    per_param: dict[int, dict] = {}
-    for name, value in load_file(str(checkpoint / "optimizer.safetensors")).items():
-        index, key = name.split(".", 1)
-        per_param.setdefault(int(index), {})[key] = value.to(next(model.parameters()).device)
-    optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    load_optimizer_state(checkpoint, optimizer, state.pop("param_groups"), next(model.parameters()).device)
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     sampler.rng.bit_generator.state = state["sampler_rng"]
     if not cfg.minutes:
@@ -294,7 +238,7 @@ def export(model: CDCModel, curve: list[dict], cfg: TrainConfig, path: str | Pat
                       training={"lambdas": list(cfg.model.lambdas), "stage": cfg.stage,
                                 "steps": curve[-1]["step"] if curve else 0})
     path = save_weights(weights, path or cfg.export or SHIPPED_DIR / f"{cfg.name}.safetensors", replace=True)
-    write_curve(curve, path.with_suffix(".curve.csv"))
+    write_curve(curve, path.with_suffix(".curve.csv"), CURVE_FIELDS)
     log.info("exported %s (%d bytes) after %d steps", path, path.stat().st_size, curve[-1]["step"] if curve else 0)
     return path
 
@@ -309,13 +253,6 @@ def with_derived_rates(weights: Weights, derived: Sequence[tuple[str, str, float
     config = {**weights.config, "model": model.to_dict(), "rates": model.rate_names}
     return Weights(weights.codec, name or weights.name, config, weights.tensors,
                    f"{weights.provenance}; then: {how}", weights.training)
-
-
-def write_curve(curve: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: row.get(k) for k in CURVE_FIELDS} for row in curve)
 
 
 # ---------------------------------------------------------------------- Ray Train

@@ -30,11 +30,12 @@ from safetensors.torch import load_file, save_file
 from ..files import atomic_path
 from ..paths import TRAIN_PHOTOS
 from ..registry import SHIPPED_DIR, Weights, load_codec, save_weights
+from ..training import CropSampler, load_optimizer_state, save_checkpoint
 from .config import CDCConfig
 from .context import ContextModel
 from .exact_parts import export_context
 from .model import gaussian_likelihood
-from .train import CropSampler, save_checkpoint, to_unit
+from .train import to_unit
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +164,7 @@ def train_context(cfg: ContextTrainConfig) -> tuple[ContextModel, list[dict], li
 def _resume(checkpoint: Path, context: ContextModel, optimizer, rng: np.random.Generator) -> dict:
     state = json.loads((checkpoint / "state.json").read_text())
     context.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-    per_param: dict[int, dict] = {}
-    for name, value in load_file(str(checkpoint / "optimizer.safetensors")).items():
-        index, key = name.split(".", 1)
-        per_param.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    load_optimizer_state(checkpoint, optimizer, state.pop("param_groups"))
     rng.bit_generator.state = state["rng"]
     log.info("resuming %s at step %d", checkpoint, state["step"])
     return state

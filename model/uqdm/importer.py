@@ -34,6 +34,15 @@ EXACT_NAME = "uqdm-tiny-exact2"
 
 def import_exact(folder: str | Path, name: str = EXACT_NAME, calibration: Path = CALIBRATION) -> Weights:
     """The exact codec's weights from the authors' checkpoint folder; raises if the digest is not ours."""
+    return exact_from_record(import_checkpoint(folder), calibration, name, what=f"importing {folder}",
+                             differs="the checkpoint (or the calibration file) differs from the authors' uqdm-tiny "
+                                     "and ours")
+
+
+def exact_from_record(source: Weights, calibration: str | Path, name: str, what: str | None = None,
+                      differs: str = "the float source or the calibration file is not the one recorded") -> Weights:
+    """`quantize.to_exact` of float weights with a calibration record's exponents; raises unless the
+    result has the digest the record holds (so the same weights are made on every machine or none)."""
     from .quantize import to_exact
 
     try:
@@ -41,11 +50,10 @@ def import_exact(folder: str | Path, name: str = EXACT_NAME, calibration: Path =
         exponents, expected = record["exponents"], record["digest"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{calibration} is not a calibration record with exponents and a digest: {error}") from None
-    weights = to_exact(import_checkpoint(folder), exponents, name)
+    weights = to_exact(source, exponents, name)
     if weights.digest.hex() != expected:
-        raise ValueError(f"importing {folder} gave weights with digest {weights.digest.hex()}, not the "
-                         f"{expected} that {Path(calibration).name} records: the checkpoint (or the calibration "
-                         "file) differs from the authors' uqdm-tiny and ours; nothing was written")
+        raise ValueError(f"{what or 'quantizing ' + source.name} gave weights with digest {weights.digest.hex()}, "
+                         f"not the {expected} that {Path(calibration).name} records: {differs}; nothing was written")
     return weights
 
 
