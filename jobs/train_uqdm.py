@@ -31,7 +31,7 @@ from model.uqdm import train as uqdm_train
 
 HELP = "fine-tune UQDM on photos (the codec's exact NELBO), export exact weights"
 log = logging.getLogger("jobs.train_uqdm")
-RECORDS_DIR = Path(uqdm_train.__file__).parent
+RECORDS_DIR = uqdm_train.RECORDS
 DEFAULTS = uqdm_train.UQDMTrainConfig(checkpoint="")
 
 
