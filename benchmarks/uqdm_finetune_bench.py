@@ -11,7 +11,8 @@ photo), one random draw of z_1 and the quantization errors per tile (seed 0), to
 time; the exact codec's real stream is measured beside its float NELBO (same z_1 and dithers)
 on the first --exact-photos photos, every tile (uqdm-tiny-photo's by default: uqdm-tiny's is
 `python -m benchmarks.uqdm_bench exactness`). uqdm-tiny is the authors' float checkpoint
-(../shared); uqdm-tiny-photo the committed float source of the exact weights shipped here.
+(../shared); uqdm-tiny-photo the float source `diffpress train-uqdm` writes beside its exact
+weights (~/.cache/diffpress/weights: not shipped, it derives from the authors' weights).
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from model.paths import UQDM_TINY_SOURCE
 from model.registry import read_weights
 from model.uqdm.codec import TILE, _tile
 from model.uqdm.importer import import_checkpoint
+from model.registry import USER_DIR
 from model.uqdm.train import TrainableUQDM, codec_trajectory, nelbo_bits
 
 from .uqdm_bench import RESULTS, dev_images
 
-PHOTO_SOURCE = Path(__file__).resolve().parents[1] / "model" / "uqdm" / "uqdm-tiny-photo.float.safetensors"
+PHOTO_SOURCE = USER_DIR / "uqdm-tiny-photo.float.safetensors"
 
 
 def classical_bpp(img: np.ndarray) -> dict[str, float]:

@@ -8,10 +8,12 @@ the T universally quantized steps' rates plus the lossless pixel term, in bits p
 noise schedule's slope trained too. Crops: random 64x64 of --data at native resolution. The
 checkpoint folder (default ~/.cache/diffpress/runs/NAME) is rewritten atomically every
 --checkpoint-every steps: rerunning the same command resumes it at the exact step. At the end
-(or with --export-only) the EMA weights are calibrated on 16 training crops and quantized:
---out-dir/NAME.safetensors (the exact weights, default model/weights), and beside this package's
-calibration records (model/uqdm/) NAME.float.safetensors + NAME.calibration.json, from which
-`model.uqdm.train.remake_exact` makes the same exact weights anywhere; the curve as NAME.curve.csv.
+(or with --export-only) the EMA weights are calibrated on 16 training crops and quantized into
+--out-dir (default ~/.cache/diffpress/weights, where load_codec finds them): NAME.safetensors
+(the exact weights), NAME.float.safetensors + NAME.calibration.json (from which
+`model.uqdm.train.remake_exact` makes the same exact weights on any machine) and NAME.curve.csv.
+Nothing is written into the package: weights fine-tuned from the authors' uqdm-tiny derive from
+weights we may not redistribute, so they are made by each user, never shipped.
 """
 
 from __future__ import annotations
@@ -25,13 +27,12 @@ from pathlib import Path
 from jobs import cli
 from jobs._cli import UsageError, non_negative_float, positive_int, usage_errors
 from model.paths import TRAIN_PHOTOS, UQDM_TINY_SOURCE
-from model.registry import SHIPPED_DIR, USER_DIR
+from model.registry import USER_DIR
 from model.training import write_curve
 from model.uqdm import train as uqdm_train
 
 HELP = "fine-tune UQDM on photos (the codec's exact NELBO), export exact weights"
 log = logging.getLogger("jobs.train_uqdm")
-RECORDS_DIR = uqdm_train.RECORDS
 DEFAULTS = uqdm_train.UQDMTrainConfig(checkpoint="")
 
 
@@ -71,10 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=TRAIN_PHOTOS, help="training photos (default: %(default)s)")
     p.add_argument("--init-from", type=Path, default=UQDM_TINY_SOURCE,
                    help="the authors' checkpoint folder or float UQDM weights (default: %(default)s)")
-    p.add_argument("--out-dir", type=Path, default=SHIPPED_DIR, help="where the exact weights and curve go "
-                                                                    "(default: %(default)s)")
-    p.add_argument("--records-dir", type=Path, default=RECORDS_DIR,
-                   help="where the float source and calibration record go (default: %(default)s)")
+    p.add_argument("--out-dir", type=Path, default=USER_DIR, help="where the exact weights, their float source, "
+                                                                 "calibration record and curve go (default: %(default)s)")
     p.add_argument("--export-only", action="store_true", help="export the checkpoint's EMA weights, no training")
     p.add_argument("--no-export", action="store_true", help="train only")
 
@@ -113,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
     source = uqdm_train.float_source(ema, state["model_config"], args.name, provenance)
     weights_path = args.out_dir / f"{args.name}.safetensors"
     with usage_errors(FileExistsError, FileNotFoundError):
-        exact = uqdm_train.export(source, args.name, args.records_dir / f"{args.name}.calibration.json",
-                                  args.records_dir / f"{args.name}.float.safetensors", weights_path,
+        exact = uqdm_train.export(source, args.name, args.out_dir / f"{args.name}.calibration.json",
+                                  args.out_dir / f"{args.name}.float.safetensors", weights_path,
                                   uqdm_train.calibration_tiles(args.data))
     write_curve(state["curve"], weights_path.with_suffix(".curve.csv"), uqdm_train.CURVE_FIELDS)
     log.info("wrote %s (digest %s) after %d steps", weights_path, exact.digest.hex(), state["step"])

@@ -6,12 +6,14 @@ No ../shared: the network is tests/uqdm_fixtures.py's seeded one, the photos are
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import model
 from jobs import cli
 from model import training
 from model.registry import read_weights, save_weights
@@ -154,3 +156,18 @@ def test_export_only_without_a_checkpoint_is_one_line(capsys, tmp_path, photos):
     assert cli.main(["train-uqdm", "--export-only", "--checkpoint", str(tmp_path / "none"), "--data", str(photos)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no UQDM training checkpoint" in err, err
+
+
+def test_the_command_trains_and_exports_into_out_dir_not_into_the_package(tmp_path, photos, float_file):
+    # fine-tunes derive from the authors' weights, which we may not redistribute: made per user, never shipped
+    out = tmp_path / "weights"
+    argv = ["train-uqdm", "--name", "uqdm-mine", "--steps", "1", "--batch-size", "1", "--bf16", "false",
+            "--checkpoint", str(tmp_path / "run"), "--init-from", str(float_file), "--data", str(photos),
+            "--out-dir", str(out)]
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["uqdm-mine.calibration.json", "uqdm-mine.curve.csv",
+                                                     "uqdm-mine.float.safetensors", "uqdm-mine.safetensors"]
+    exported = read_weights(out / "uqdm-mine.safetensors")
+    assert remake_exact(out / "uqdm-mine.calibration.json", "uqdm-mine").digest == exported.digest
+    assert "diffpress train-uqdm" in exported.provenance
+    assert not list(Path(model.__file__).parent.rglob("uqdm-mine*"))

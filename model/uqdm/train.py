@@ -42,8 +42,6 @@ from .net import ScoreNet
 log = logging.getLogger(__name__)
 
 CURVE_FIELDS = ["step", "loss_bpp", "lr", "seconds"]
-#: where the float sources and calibration records of exported weights are committed (beside uqdm-tiny's)
-RECORDS = Path(__file__).parent
 _LN2 = math.log(2.0)
 
 
