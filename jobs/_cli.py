@@ -69,6 +69,13 @@ def non_negative_float(text: str) -> float:
     return _bounded(text, float, 0.0, "a number >= 0")
 
 
+def boolean(text: str) -> bool:
+    """true/false, yes/no or 1/0 (any case)."""
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
 def _bounded(text: str, kind: type, low: float, what: str):
     try:
         value = kind(text)

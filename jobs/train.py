@@ -24,7 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from jobs import cli
-from jobs._cli import UsageError, positive_int, usage_errors
+from jobs._cli import UsageError, boolean, positive_int, usage_errors
 from model.cdc.config import PRESETS, STAGES, TrainConfig
 from model.cdc.model import CDCModel
 from model.cdc.train import export, fit, start_from_weights, train
@@ -60,12 +60,6 @@ FIELD_HELP = {
 }
 
 
-def _boolean(text: str) -> bool:
-    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
-    return text.lower() in ("1", "true", "yes")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
@@ -73,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             continue
         kind, flag, help_text = hints[f.name], f"--{f.name.replace('_', '-')}", FIELD_HELP[f.name]
         if kind is bool:
-            p.add_argument(flag, type=_boolean, default=f.default, help=help_text)
+            p.add_argument(flag, type=boolean, default=f.default, help=help_text)
         elif f.name == "scales":
             p.add_argument("--scales", type=float, nargs="+", default=list(f.default), help=help_text)
         else:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from jobs import cli
-from jobs._cli import UsageError, non_negative_float, positive_int, usage_errors
+from jobs._cli import UsageError, boolean, non_negative_float, positive_int, usage_errors
 from model.paths import TRAIN_PHOTOS, UQDM_TINY_SOURCE
 from model.registry import USER_DIR
 from model.training import write_curve
@@ -34,12 +34,6 @@ from model.uqdm import train as uqdm_train
 HELP = "fine-tune UQDM on photos (the codec's exact NELBO), export exact weights"
 log = logging.getLogger("jobs.train_uqdm")
 DEFAULTS = uqdm_train.UQDMTrainConfig(checkpoint="")
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
-    return text.lower() in ("1", "true", "yes")
 
 
 def _fraction(text: str) -> float:
@@ -62,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
                    help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--ema-decay", type=_fraction, default=d.ema_decay, help="EMA decay (default: %(default)s)")
-    p.add_argument("--bf16", type=_boolean, default=d.bf16, help="bf16 autocast of the network: true or false "
+    p.add_argument("--bf16", type=boolean, default=d.bf16, help="bf16 autocast of the network: true or false "
                                                                  "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of crops and noise (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=d.threads, help="torch threads (default: %(default)s)")
