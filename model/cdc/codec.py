@@ -114,7 +114,8 @@ class CDCCodec(Codec):
 
     def encode_symbols(self, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The integer (z, y) symbols a stream of `img` carries, already within the tables' range."""
-        z, k, _ = self._exact_symbols(*self._analysis([as_rgb8(img)])[0])
+        with self.float_numerics():  # as compress_batch: no autograd graph through the networks
+            z, k, _ = self._exact_symbols(*self._analysis([as_rgb8(img)])[0])
         return z, k
 
     def _analysis(self, imgs: Sequence[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
