@@ -8,7 +8,6 @@ the same path as a trained one.
 from __future__ import annotations
 
 import warnings
-
 import zlib
 
 import numpy as np
