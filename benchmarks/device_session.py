@@ -199,8 +199,37 @@ def _speed(codec) -> dict:
         _sync()
         timings["decode_mp_s_" + "_".join(f"{k}{v}" for k, v in option.items())] = megapixels / (time.perf_counter() - started)
     if not codec.progressive:
+        timings.update(_batch_encode_speed(codec, img, megapixels))
         timings.update(_synthesis_speed(codec, data, megapixels))
     return timings
+
+
+def _batch_encode_speed(codec, img: np.ndarray, megapixels: float) -> dict:
+    """compress_batch of SYNTHESIS_BATCH copies (the analysis batched on the device; exact parts
+    and entropy coding per image), and the share of it that the CPU's entropy coder takes: the
+    coder holds the GIL (threads measured 0.92x on a CPU), so it bounds one actor's rate."""
+    import model.cdc.codec as cdc_codec
+    coder, coding = cdc_codec._symbols_chunk, [0.0]
+
+    def timed_coder(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return coder(*args, **kwargs)
+        finally:
+            coding[0] += time.perf_counter() - started
+
+    cdc_codec._symbols_chunk = timed_coder
+    try:
+        _sync()
+        started = time.perf_counter()
+        datas = codec.compress_batch([img] * SYNTHESIS_BATCH)
+        _sync()
+        seconds = time.perf_counter() - started
+    finally:
+        cdc_codec._symbols_chunk = coder
+    return {f"encode_mp_s_batch{SYNTHESIS_BATCH}": SYNTHESIS_BATCH * megapixels / seconds,
+            "encode_entropy_coding_share": coding[0] / seconds,
+            "encode_batch_equal_single": all(d == datas[0] for d in datas)}
 
 
 def _synthesis_speed(codec, data: bytes, megapixels: float) -> dict:
