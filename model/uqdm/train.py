@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..files import recovered_folder
+from ..files import atomic_path, recovered_folder
 from ..paths import TRAIN_PHOTOS, UQDM_TINY_SOURCE
 from ..registry import Weights, read_weights, save_weights
 from ..training import CropSampler, load_optimizer_state, save_checkpoint, write_curve
@@ -291,7 +291,8 @@ def export(source: Weights, name: str, calibration_path: Path, source_path: Path
                        "made from them must have (model.uqdm.train.remake_exact).",
               "source": source_path.name, "exponents": exponents, "digest": exact.digest.hex()}
     save_weights(source, source_path, replace=True)
-    calibration_path.write_text(json.dumps(record, indent=1) + "\n")
+    with atomic_path(calibration_path) as partial:  # remake_exact trusts it: whole or absent
+        partial.write_text(json.dumps(record, indent=1) + "\n")
     save_weights(exact, weights_path, replace=True)
     return exact
 
