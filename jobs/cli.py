@@ -28,6 +28,7 @@ COMMANDS = {
     "train": "jobs.train",
     "import-uqdm": "jobs.import_uqdm",
     "train-context": "jobs.train_context",
+    "train-hyper": "jobs.train_hyper",
     "train-uqdm": "jobs.train_uqdm",
     "derive-rates": "jobs.derive_rates",
     "info": "jobs.info",

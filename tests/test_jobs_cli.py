@@ -57,6 +57,9 @@ def errors_of(stderr: str) -> list[str]:
     (["jobs.cli", "evaluate", "--images", "no/such/*.png", "--out", "e"], "no images match"),
     (["jobs.import_uqdm", "no/such/folder"], "holds no config.json"),
     (["jobs.cli", "train", "--name", "x"], "no training photos at"),
+    (["jobs.cli", "train-hyper", "--source", "cdc-hp128-ctx", "--name", "x", "--run-dir", "r"], "has a context model"),
+    (["jobs.train_hyper", "--source", "cdc-hp128", "--name", "x", "--run-dir", "r", "--hyper-widths", "8,8,8"],
+     "hyper_widths must be two positive widths"),
 ])
 def test_a_mistake_is_one_line_exit_2_and_ray_never_starts(argv, message, tmp_path):
     """A mistyped --codec used to start Ray and print 126 lines of actor tracebacks."""

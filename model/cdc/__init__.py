@@ -1,7 +1,7 @@
 """CDC: "Lossy Image Compression with Conditional Diffusion Models" (Yang & Mandt, NeurIPS 2023).
 
-    config         CDCConfig (network sizes, rate points, context groups; stored in weights
-                   files; PRESETS "hp128", "paper"), TrainConfig (one training run)
+    config         CDCConfig (network sizes, rate points, context groups, h_s widths; stored
+                   in weights files; PRESETS "hp128", "paper"), TrainConfig (one training run)
     nets           the networks: analysis/hyper transforms, conditioning decoder, denoising UNet
     context        ContextModel: channel groups + checkerboard refining the hyperprior (ELIC-style)
     model          CDCModel: hyperprior entropy model, training loss, DDIM sampling
@@ -10,6 +10,7 @@
     codec          CDCCodec: the Codec (stream layout, padding, decode options steps/stochastic/seed)
     train          the training loop, checkpoints, export to a weights file, the Ray Train driver (fit)
     train_context  the context model trained on a released model's frozen transforms
+    train_hyper    a smaller hyperprior (h_a, h_s, z density) retrained on frozen transforms
 
 Where a change goes: network shapes in nets/context (and config if it needs a size); what is
 coded or how it is sampled in model; anything that decides a symbol in exact_parts; the stream

@@ -46,10 +46,18 @@ class CDCConfig:
     # Channel groups of y for the context entropy model (model/cdc/context.py), small first,
     # summing to m; () codes y with the hyperprior alone (cdc-hp128).
     context_groups: tuple[int, ...] = ()
+    # h_s's two hidden widths and its last layer's kernel; () = (m, 3m/2), Minnen et al.'s. h_s is
+    # the costly part of decoding the latents (float64-exact, ~5.5 kMAC a pixel at the default).
+    hyper_widths: tuple[int, ...] = ()
+    hyper_kernel: int = 3
 
     def __post_init__(self):
         if self.context_groups and (sum(self.context_groups) != self.m or min(self.context_groups) < 1):
             raise ValueError(f"context_groups must be positive and sum to m = {self.m}, got {self.context_groups}")
+        if self.hyper_widths and (len(self.hyper_widths) != 2 or min(self.hyper_widths) < 1):
+            raise ValueError(f"hyper_widths must be two positive widths, got {self.hyper_widths}")
+        if self.hyper_kernel < 1 or self.hyper_kernel % 2 == 0:
+            raise ValueError(f"hyper_kernel must be odd and positive, got {self.hyper_kernel}")
         trained = [f"q{i + 1}" for i in range(len(self.lambdas))]
         for name, source, scale in self.derived_rates:
             if source not in trained or not scale > 0 or name in trained:
@@ -72,14 +80,21 @@ class CDCConfig:
 
     def to_dict(self) -> dict:
         config = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, at every depth
-        if not self.context_groups:  # weights from before the context model: their stored dict, unchanged
-            del config["context_groups"]
+        # weights from before these options: their stored dict (hence their digest) unchanged
+        for name, default in (("context_groups", ()), ("hyper_widths", ()), ("hyper_kernel", 3)):
+            if getattr(self, name) == default:
+                del config[name]
         return config
 
     @property
     def rate_names(self) -> list[str]:
         """Every rate point, as a stream's rate index numbers them: the trained ones, then the derived."""
         return [f"q{i + 1}" for i in range(len(self.lambdas))] + [name for name, _, _ in self.derived_rates]
+
+    @property
+    def hyper_hidden(self) -> tuple[int, int]:
+        """h_s's two hidden widths."""
+        return tuple(self.hyper_widths) if self.hyper_widths else (self.m, self.m * 3 // 2)
 
     @property
     def scale_step(self) -> float:

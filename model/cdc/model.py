@@ -40,6 +40,19 @@ def ste_round(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def scale_of(config: CDCConfig, position: torch.Tensor) -> torch.Tensor:
+    """Gaussian scale at a (continuous) position on the log-spaced scale table."""
+    return torch.exp(math.log(config.scale_min) + config.scale_step * position.clamp(0, config.scale_levels - 1))
+
+
+def z_likelihood(density: EntropyBottleneck, z: torch.Tensor) -> torch.Tensor:
+    """Likelihood of every z element (B, N, h, w) under the factorized density."""
+    values = z.permute(1, 0, 2, 3).reshape(z.shape[1], 1, -1)
+    likelihood, _, _ = density._likelihood(values)
+    likelihood = likelihood.clamp_min(_LIKELIHOOD_BOUND).reshape(z.shape[1], z.shape[0], *z.shape[2:])
+    return likelihood.permute(1, 0, 2, 3)
+
+
 def gaussian_likelihood(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """P(integer bin around v) under N(0, scale), computed on the side where it does not cancel."""
     v = v.abs()
@@ -54,7 +67,7 @@ class CDCModel(nn.Module):
         self.config = config
         n, m, rates = config.n, config.m, len(config.lambdas)
         self.g_a, self.g_s = ContentEncoder(n, m), ContentDecoder(n, m)
-        self.h_a, self.h_s = HyperEncoder(n, m), HyperDecoder(n, m)
+        self.h_a, self.h_s = HyperEncoder(n, m), HyperDecoder(n, m, config.hyper_hidden, config.hyper_kernel)
         self.z_density = EntropyBottleneck(n)
         # log-gains: positive gains, one vector per rate point (1 at initialization)
         self.log_gain_enc = nn.Parameter(torch.zeros(rates, m))
@@ -74,15 +87,10 @@ class CDCModel(nn.Module):
         return log_enc[rate].exp()[:, :, None, None], log_dec[rate].exp()[:, :, None, None]
 
     def scale_of(self, position: torch.Tensor) -> torch.Tensor:
-        """Gaussian scale at a (continuous) position on the log-spaced scale table."""
-        cfg = self.config
-        return torch.exp(math.log(cfg.scale_min) + cfg.scale_step * position.clamp(0, cfg.scale_levels - 1))
+        return scale_of(self.config, position)
 
     def z_likelihood(self, z: torch.Tensor) -> torch.Tensor:
-        values = z.permute(1, 0, 2, 3).reshape(z.shape[1], 1, -1)
-        likelihood, _, _ = self.z_density._likelihood(values)
-        likelihood = likelihood.clamp_min(_LIKELIHOOD_BOUND).reshape(z.shape[1], z.shape[0], *z.shape[2:])
-        return likelihood.permute(1, 0, 2, 3)
+        return z_likelihood(self.z_density, z)
 
     def decode_content(self, y_hat: torch.Tensor, rate: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.g_s(y_hat * self.gains(rate)[1])

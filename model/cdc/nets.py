@@ -75,9 +75,10 @@ class HyperDecoder(nn.Module):
     evaluates the same network in exact integer arithmetic.
     """
 
-    def __init__(self, n: int, m: int):
+    def __init__(self, n: int, m: int, hidden: tuple[int, int] | None = None, kernel: int = 3):
         super().__init__()
-        self.layers = nn.ModuleList([deconv(n, m), deconv(m, m * 3 // 2), conv(m * 3 // 2, 2 * m, 3, 1)])
+        first, second = hidden or (m, m * 3 // 2)
+        self.layers = nn.ModuleList([deconv(n, first), deconv(first, second), conv(second, 2 * m, kernel, 1)])
 
     def forward(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = z_hat
