@@ -8,9 +8,11 @@ status 2 (`--verbose` adds the trace). Every check runs before Ray starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +88,17 @@ def _bounded(text: str, kind: type, low: float, what: str):
     return value
 
 
+def positive_ints(text: str) -> tuple[int, ...]:
+    """Comma-separated whole numbers >= 1: "16,16,32" -> (16, 16, 32)."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers, got {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be whole numbers >= 1, got {text!r}")
+    return values
+
+
 def json_object(text: str) -> dict:
     """--storage-options: a JSON object. Never echoes the text: it may hold credentials."""
     try:
@@ -95,6 +108,40 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"a JSON object (name: value) is needed, got a {type(value).__name__}")
     return value
+
+
+# ---------------------------------------------------------------------- shared flag sets
+#: the flags of the trainers on a release's frozen transforms (model/cdc/frozen.FrozenTrainConfig)
+_FROZEN_TRAINING = {
+    "source": (str, "released CDC weights whose transforms stay frozen (name or path)"),
+    "name": (str, "registry name of the new weights"),
+    "run_dir": (str, "checkpoint and latent cache folder (rerunning resumes from it)"),
+    "steps": (positive_int, "optimizer steps in all (a resumed run continues to it)"),
+    "batch_size": (positive_int, "crops per step"),
+    "crops": (positive_int, "training crops whose latents are cached (one random rate point each)"),
+    "crop": (positive_int, "crop side, px"),
+    "lr": (float, "Adam learning rate (a tenth over the last 20%% of steps)"),
+    "data": (str, "folder of training photos"),
+    "seed": (int, "seed of crops, rates and noise"),
+    "threads": (positive_int, "torch threads"),
+    "export": (str, "weights file to write (default: model/weights/NAME.safetensors)"),
+}
+_REQUIRED = ("source", "name", "run_dir")
+
+
+def add_frozen_training_flags(parser: argparse.ArgumentParser, config: type) -> None:
+    """The shared flags of train-context and train-hyper, defaults from `config` (a FrozenTrainConfig)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, (kind, help_text) in _FROZEN_TRAINING.items():
+        required = name in _REQUIRED
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, required=required,
+                            default=None if required else defaults[name],
+                            help=help_text + ("" if required else " (default: %(default)s)"))
+
+
+def frozen_training_values(args: argparse.Namespace) -> dict:
+    """Those flags' values, as FrozenTrainConfig keywords (with the command as typed for provenance)."""
+    return {name: getattr(args, name) for name in _FROZEN_TRAINING} | {"provenance": "diffpress " + shlex.join(args.argv)}
 
 
 def add_storage_options(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,8 @@ import torch
 from model import BitstreamError
 from model.cdc.codec import CDCCodec
 from model.cdc.context import ContextModel, anchors
-from model.cdc.train_context import frozen_latents, with_context
+from model.cdc.frozen import frozen_latents
+from model.cdc.train_context import with_context
 from model.cdc.train import to_unit
 
 from .sample_images import photo_crop

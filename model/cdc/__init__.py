@@ -9,8 +9,9 @@
                    ExactContext, the integer coding tables, and their export from float nets
     codec          CDCCodec: the Codec (stream layout, padding, decode options steps/stochastic/seed)
     train          the training loop, checkpoints, export to a weights file, the Ray Train driver (fit)
-    train_context  the context model trained on a released model's frozen transforms
-    train_hyper    a smaller hyperprior (h_a, h_s, z density) retrained on frozen transforms
+    frozen         training on a released model's frozen transforms: latent cache, restartable loop
+    train_context  the context model trained that way
+    train_hyper    a smaller hyperprior (h_a, h_s, z density) trained that way
 
 Where a change goes: network shapes in nets/context (and config if it needs a size); what is
 coded or how it is sampled in model; anything that decides a symbol in exact_parts; the stream

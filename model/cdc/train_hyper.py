@@ -16,7 +16,7 @@ y-hat = round(y - mean) + mean moves by less than a quantization step whatever t
 only the rate changes. The export scores the new and the source hyperprior on the same held-out
 latents by their exact tables (`coded_bpp`): the price, or the gain, of the smaller h_s.
 
-Restartable (<run_dir>/checkpoint, replaced atomically; rerun the same command). The export
+Restartable like train_context (model/cdc/frozen.py: rerun the same command). The export
 is the source's weights with the new hyperprior and its exact integer h_s and z tables, under
 a new name: the source's streams keep decoding with the source.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,15 +35,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..exact import PRECISION
-from ..paths import TRAIN_PHOTOS
 from ..registry import SHIPPED_DIR, Weights, load_codec, save_weights
-from ..training import load_optimizer_state, save_checkpoint, write_curve
+from ..training import write_curve
 from .codec import CDCCodec
 from .config import CDCConfig
 from .exact_parts import export_exact
+from .frozen import FrozenTrainConfig, LatentCache, train_rate
 from .model import STRIDE, CDCModel, gaussian_likelihood, scale_of, ste_round, z_likelihood
 from .nets import HyperDecoder, HyperEncoder
-from .train_context import LatentCache
 
 log = logging.getLogger(__name__)
 CURVE_FIELDS = ("step", "elapsed_s", "bpp", "held_out_bpp", "lr")
@@ -52,26 +50,10 @@ HELD_OUT = 64  # cached latents scored at every log row, never trained on
 
 
 @dataclass(frozen=True)
-class HyperTrainConfig:
-    source: str                     # released CDC weights (name or path) without a context model
-    name: str                       # registry name of the new weights
-    run_dir: str
+class HyperTrainConfig(FrozenTrainConfig):
     hyper_widths: tuple[int, int] = (96, 128)
     hyper_kernel: int = 1
     steps: int = 4000
-    batch_size: int = 16
-    crops: int = 1024               # latents cached: crops x one random rate point each
-    crop: int = 256
-    lr: float = 1e-3
-    data: str = str(TRAIN_PHOTOS)
-    scales: tuple[float, ...] = (1.0, 0.6)
-    seed: int = 0
-    threads: int = 2
-    bf16: bool = True               # autocast the nets' convolutions (likelihoods stay float32)
-    export: str | None = None       # weights file (None: model/weights/<name>.safetensors)
-    provenance: str = ""
-    log_every: int = 50
-    checkpoint_every: int = 250
 
 
 class Hyperprior(nn.Module):
@@ -104,48 +86,13 @@ def train_hyper(cfg: HyperTrainConfig) -> tuple[Hyperprior, list[dict], list[str
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     codec = source_codec(cfg.source)
-    cache = LatentCache.build(codec, cfg, Path(cfg.run_dir) / "latents.safetensors")
-    config = replace(codec.config, hyper_widths=tuple(cfg.hyper_widths), hyper_kernel=cfg.hyper_kernel)
-    prior = Hyperprior(config)
+    train, held_out = LatentCache.build(codec, cfg, Path(cfg.run_dir) / "latents.safetensors").split(HELD_OUT)
+    prior = Hyperprior(replace(codec.config, hyper_widths=tuple(cfg.hyper_widths), hyper_kernel=cfg.hyper_kernel))
     prior.h_a.load_state_dict({k[len("h_a."):]: v.float() for k, v in codec.model.state_dict().items()
                                if k.startswith("h_a.")})
-    held_out = cache.y[-HELD_OUT:]
-    cache = LatentCache({"y": cache.y[:-HELD_OUT], "levels": cache.levels[:-HELD_OUT], "means": cache.means[:-HELD_OUT]})
-    optimizer = torch.optim.Adam(prior.parameters(), lr=cfg.lr)
-    checkpoint = Path(cfg.run_dir) / "checkpoint"
-    state = {"step": 0, "curve": [], "elapsed_s": 0.0}
-    rng = np.random.default_rng(cfg.seed)
-    if (checkpoint / "state.json").is_file():
-        state = _resume(checkpoint, prior, optimizer, rng)
-    state.setdefault("commands", [])
-    if cfg.provenance and cfg.provenance not in state["commands"][-1:]:
-        state["commands"].append(cfg.provenance)
-    started, before, window = time.time(), state["elapsed_s"], []
-    while state["step"] < cfg.steps:
-        lr = cfg.lr * (0.1 if state["step"] >= 0.8 * cfg.steps else 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        y, _, _ = cache.batch(cfg.batch_size, rng)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):  # the nets' convolutions
-            bpp = prior.bpp(y).mean()
-        optimizer.zero_grad(set_to_none=True)
-        bpp.backward()
-        optimizer.step()
-        window.append(float(bpp.detach()))
-        state["step"] += 1
-        if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
-            state["elapsed_s"] = before + time.time() - started
-            with torch.no_grad():
-                held = float(prior.bpp(held_out).mean())
-            state["curve"].append({"step": state["step"], "elapsed_s": round(state["elapsed_s"], 1),
-                                   "bpp": float(np.mean(window)), "held_out_bpp": held, "lr": lr})
-            window = []
-            log.info("%s", json.dumps(state["curve"][-1]))
-        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
-            state["elapsed_s"] = before + time.time() - started
-            state["rng"] = rng.bit_generator.state
-            save_checkpoint(checkpoint, prior, optimizer, state)
-    return prior, state["curve"], state["commands"]
+    curve, commands = train_rate(cfg, prior, train, lambda batch: prior.bpp(batch[0]).mean(), "bpp",
+                                 lambda: {"held_out_bpp": float(prior.bpp(held_out.y).mean())})
+    return prior, curve, commands
 
 
 def source_codec(source: str):
@@ -157,22 +104,13 @@ def source_codec(source: str):
     return codec
 
 
-def _resume(checkpoint: Path, prior: Hyperprior, optimizer, rng: np.random.Generator) -> dict:
-    state = json.loads((checkpoint / "state.json").read_text())
-    prior.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-    load_optimizer_state(checkpoint, optimizer, state.pop("param_groups"))
-    rng.bit_generator.state = state["rng"]
-    log.info("resuming %s at step %d", checkpoint, state["step"])
-    return state
-
-
 def export_hyper(cfg: HyperTrainConfig, prior: Hyperprior, curve: list[dict], commands: list[str]) -> Path:
     """The source's weights with the new hyperprior, under `cfg.name`, and the curve beside them."""
     codec = load_codec(cfg.source, device="cpu")
     cache = LatentCache(load_file(str(Path(cfg.run_dir) / "latents.safetensors")))
     weights = with_hyperprior(codec, prior, cache.y[:HELD_OUT], cfg.name, "; then ".join(commands) or cfg.provenance,
                               steps=curve[-1]["step"] if curve else 0)
-    held_out = cache.y[-HELD_OUT:]
+    held_out = cache.split(HELD_OUT)[1].y
     scores = {"held_out_coded_bpp": coded_bpp(CDCCodec(weights, device="cpu"), held_out),
               "source_held_out_coded_bpp": coded_bpp(codec, held_out)}
     log.info("held-out latents, coded by the exact tables: %s", json.dumps(scores))
