@@ -14,8 +14,8 @@ the Markdown.
 its rate points, "name:q2" one of them) and classical names (jpeg webp avif jpeg2000 hevc).
 Diffusion decoding and UQDM are slow on a CPU, so they run on smaller images by default:
 --diffusion-size central crops for CDC's steps > 0, --uqdm-size resized-and-cropped images for
-UQDM (0 = the images as given). Every classical codec is also measured on those sets, and
-each comparison stays within one set. What each metric and set is: model/evaluation.py.
+UQDM (--uqdm-set crop: central crops at native scale instead; 0 = the images as given). Every
+classical codec is also measured on those sets, and each comparison stays within one set. What each metric and set is: model/evaluation.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import sys
 from jobs import cli
 from jobs._cli import UsageError, check_codec, non_negative_int, positive_int, usage_errors
 from model.classical import CLASSICAL
-from model.evaluation import Settings, evaluate, load_images
+from model.evaluation import UQDM_SETS, Settings, evaluate, load_images
 from model.registry import load_codec, split_variant
 from model.report import markdown, write_report
 from model.sidebyside import write_side_by_side
@@ -53,7 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusion-size", type=non_negative_int, default=DEFAULTS.diffusion_size,
                    help="central crop size for CDC decodes with steps > 0; 0 = full images (%(default)s)")
     p.add_argument("--uqdm-size", type=non_negative_int, default=DEFAULTS.uqdm_size,
-                   help="UQDM images: resized and centre-cropped to this size; 0 = full images (%(default)s)")
+                   help="UQDM images: made this size as --uqdm-set says; 0 = full images (%(default)s)")
+    p.add_argument("--uqdm-set", choices=UQDM_SETS, default=DEFAULTS.uqdm_set,
+                   help="UQDM images: resized then centre-cropped (downsize, as ImageNet-64), or central crops "
+                        "at native scale (crop, as the codec tiles a photo) (%(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of stochastic decoding (%(default)s)")
     p.add_argument("--swd-patch", type=positive_int, default=DEFAULTS.swd["patch_size"],
                    help="SWD patch size (%(default)s)")
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     classical = DEFAULTS.classical if args.codecs is None else [c for c in args.codecs if c in CLASSICAL]
     settings = Settings(learned=learned_codecs(args.codecs), classical=classical,
                         curve_steps=args.curve_steps, steps=args.steps, steps_rate=args.steps_rate,
-                        diffusion_size=args.diffusion_size, uqdm_size=args.uqdm_size, seed=args.seed,
+                        diffusion_size=args.diffusion_size, uqdm_size=args.uqdm_size,
+                        uqdm_set=args.uqdm_set, seed=args.seed,
                         swd={**DEFAULTS.swd, "patch_size": args.swd_patch, "projections": args.swd_projections},
                         device=args.device, threads=args.threads or None)
     report = evaluate(images, settings)

@@ -19,10 +19,12 @@ point for each number of steps, deterministic and stochastic.
 
 Image sets. Diffusion decoding and UQDM are slow on a CPU, so by default they run on smaller
 images (`Settings.diffusion_size`, `Settings.uqdm_size`): CDC's diffusion curves and steps table
-on central crops (CDC was trained on photo crops at their native scale), UQDM on images resized
-so the shorter side fits its 64 px tiles, then centre-cropped (ImageNet-64's preparation: the
-released UQDM models were trained on it). Every classical codec is swept on every image set that
-a learned curve uses, and curves are compared only within one set. Size 0 = the images as given.
+on central crops (CDC was trained on photo crops at their native scale), UQDM by default on
+images resized so the shorter side fits its 64 px tiles, then centre-cropped (ImageNet-64's
+preparation: the released UQDM models were trained on it), or (`Settings.uqdm_set = "crop"`) on
+central crops at native scale, as the codec codes a photo (cut into 64x64 tiles). Every classical
+codec is swept on every image set that a learned curve uses, and curves are compared only within
+one set. Size 0 = the images as given.
 
 BD-rate (`bd_rate`): on the curves averaged over images, against JPEG and WebP on the same set,
 for PSNR and MS-SSIM (in dB).
@@ -59,6 +61,8 @@ log = logging.getLogger(__name__)
 
 #: the curves every other is compared with by BD-rate
 BD_ANCHORS = ("jpeg", "webp", "avif")
+#: how `Settings.uqdm_set` makes UQDM's images (`image_set`'s `how`)
+UQDM_SETS = ("downsize", "crop")
 
 
 @dataclass
@@ -72,7 +76,8 @@ class Settings:
     steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])  # the steps table
     steps_rate: str = "q3"            # the rate point of the steps table
     diffusion_size: int = 128         # CDC decodes with steps > 0 run on central crops of this size (0: full)
-    uqdm_size: int = 64               # UQDM runs on images resized and centre-cropped to this (0: full)
+    uqdm_size: int = 64               # UQDM runs on images of this size (0: full), made as uqdm_set says
+    uqdm_set: str = "downsize"        # "downsize": resized, then centre-cropped; "crop": central crops, native scale
     seed: int = 1                     # stochastic decoding's seed
     swd: dict = field(default_factory=lambda: {"patch_size": 8, "projections": 128, "patches_per_image": 1024,
                                                 "seed": 0})
@@ -85,6 +90,8 @@ class Settings:
             raise ValueError(f"unknown classical codecs {sorted(unknown)}; known: {', '.join(CLASSICAL)}")
         if any(s < 0 for s in self.steps) or self.curve_steps < 1:
             raise ValueError("steps must be >= 0 and curve_steps >= 1")
+        if self.uqdm_set not in UQDM_SETS:
+            raise ValueError(f"unknown uqdm_set {self.uqdm_set!r}; known: {', '.join(UQDM_SETS)}")
 
 
 # ----------------------------------------------------------------------------- image sets
@@ -245,7 +252,7 @@ def _evaluate(images: dict[str, np.ndarray], settings: Settings) -> dict:
     started, cpu_started, load_started = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     full = image_set(images, "crop", 0)
     diffusion = image_set(images, "crop", settings.diffusion_size)
-    uqdm = image_set(images, "downsize", settings.uqdm_size)
+    uqdm = image_set(images, settings.uqdm_set, settings.uqdm_size)
     sets: dict[str, ImageSet] = {full.key: full}
     curves, steps_tables = [], []
     for name, variants in _group_variants(settings.learned):

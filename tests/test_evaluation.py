@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from model.codec import Codec, DecodedPixels
-from model.evaluation import Settings, bd_rate, bits_at_equal_quality, image_set, measure, progressive_curves
+from model.evaluation import Settings, bd_rate, bits_at_equal_quality, evaluate, image_set, measure, progressive_curves
 from model.paths import REPO
 from model.registry import Weights
 from model.report import markdown
@@ -139,6 +139,50 @@ def test_progressive_curves_use_prefixes_and_end_lossless():
               "images": ["a", "b"], "curves": [prefixes, lossless], "steps_tables": [], "bd_rate": [],
               "wall_s": {"total": 1.0}}
     assert "lossless" in markdown(report)
+
+
+@pytest.mark.parametrize("uqdm_set, key", [("downsize", "down64"), ("crop", "crop64")])
+def test_evaluate_runs_uqdm_on_the_uqdm_set(monkeypatch, uqdm_set, key):
+    img = sample_image(256)[:, :192]  # 256x192: a 64 crop of it and a 64 downsizing differ
+    monkeypatch.setattr("model.evaluation.load_codec", lambda name, device=None: ToyProgressive())
+    report = evaluate({"a": img}, Settings(learned=["toy"], classical=["jpeg"], uqdm_size=64, uqdm_set=uqdm_set,
+                                           swd=SWD))
+    assert set(report["image_sets"]) == {"full", key} and report["settings"]["uqdm_set"] == uqdm_set
+    toy = [c for c in report["curves"] if c["kind"] == "learned"]
+    assert {c["image_set"] for c in toy} == {key}
+    assert {c["image_set"] for c in report["curves"] if c["name"] == "jpeg"} == {"full", key}
+    assert toy[1]["points"][0]["lossless"]
+    made = image_set({"a": img}, uqdm_set, 64).images["a"]  # the set's pixels: the central crop only with "crop"
+    assert made.shape == (64, 64, 3) and np.array_equal(made, img[96:160, 64:128]) == (uqdm_set == "crop")
+    with pytest.raises(ValueError, match="uqdm_set"):
+        Settings(uqdm_set="resize")
+
+
+def test_cli_passes_uqdm_set_to_the_evaluation(monkeypatch, tmp_path):
+    from jobs import evaluate as job
+    from jobs._cli import Parser, UsageError
+
+    Image.fromarray(sample_image(64)).save(tmp_path / "x.png")
+    parser = Parser()
+    job.add_arguments(parser)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def stop(images, settings):
+        seen["settings"] = settings
+        raise Stop  # nothing past the settings is needed here
+
+    monkeypatch.setattr(job, "evaluate", stop)
+    for flags, expected in (([], "downsize"), (["--uqdm-set", "crop"], "crop")):
+        args = parser.parse_args(["--images", str(tmp_path / "*.png"), "--out", str(tmp_path / "out"),
+                                  "--codecs", "jpeg", *flags])
+        with pytest.raises(Stop):
+            job.run(args)
+        assert seen["settings"].uqdm_set == expected
+    with pytest.raises(UsageError, match="uqdm-set"):
+        parser.parse_args(["--images", "x", "--out", "y", "--uqdm-set", "resize"])
 
 
 @pytest.fixture(scope="module")
