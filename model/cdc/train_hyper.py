@@ -41,7 +41,7 @@ from .codec import CDCCodec
 from .config import CDCConfig
 from .exact_parts import export_exact
 from .frozen import FrozenTrainConfig, LatentCache, train_rate
-from .model import STRIDE, CDCModel, gaussian_likelihood, scale_of, ste_round, z_likelihood
+from .model import STRIDE, gaussian_likelihood, scale_of, ste_round, z_likelihood
 from .nets import HyperDecoder, HyperEncoder
 
 log = logging.getLogger(__name__)
@@ -161,14 +161,10 @@ def with_hyperprior(codec, prior: Hyperprior, calibration_y: torch.Tensor, name:
     """New weights: `codec`'s with `prior` in place of its hyperprior, as fp16 floats and as the
     exact integer h_s and tables (activation exponents calibrated on the z of `calibration_y`)."""
     source = codec.weights
-    model = CDCModel(prior.config)
-    model.load_state_dict({**{k: v.float() for k, v in codec.model.state_dict().items()
-                              if not k.startswith(("h_a.", "h_s.", "z_density."))},
-                           **{k: v.float() for k, v in prior.state_dict().items()}}, strict=False)
     z = torch.round(prior.h_a(calibration_y.float()))
     tensors = {k: v for k, v in source.tensors.items()
                if not k.startswith(("h_a.", "h_s.", "z_density.", "exact."))}
     tensors.update({k: v.detach().half() for k, v in prior.state_dict().items() if v.is_floating_point()})
-    tensors.update({f"exact.{k}": v for k, v in export_exact(model, z).items()})
+    tensors.update({f"exact.{k}": v for k, v in export_exact(prior, z).items()})  # it reads h_s, z_density, config
     return Weights("cdc", name, {**source.config, "model": prior.config.to_dict()}, tensors,
                    f"{source.provenance}; then: {how}", {**(source.training or {}), "hyper_steps": steps})
