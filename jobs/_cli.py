@@ -141,7 +141,8 @@ def add_frozen_training_flags(parser: argparse.ArgumentParser, config: type) -> 
 
 def frozen_training_values(args: argparse.Namespace) -> dict:
     """Those flags' values, as FrozenTrainConfig keywords (with the command as typed for provenance)."""
-    return {name: getattr(args, name) for name in _FROZEN_TRAINING} | {"provenance": "diffpress " + shlex.join(args.argv)}
+    values = {name: getattr(args, name) for name in _FROZEN_TRAINING}
+    return {**values, "provenance": "diffpress " + shlex.join(args.argv)}
 
 
 def add_storage_options(parser: argparse.ArgumentParser) -> None:

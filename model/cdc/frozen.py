@@ -81,8 +81,10 @@ class LatentCache:
 
     def split(self, held_out: int) -> tuple[LatentCache, LatentCache]:
         """(all but the last `held_out` latents, those last ones)."""
-        return (LatentCache({"y": self.y[:-held_out], "levels": self.levels[:-held_out], "means": self.means[:-held_out]}),
-                LatentCache({"y": self.y[-held_out:], "levels": self.levels[-held_out:], "means": self.means[-held_out:]}))
+        def part(rows: slice) -> LatentCache:
+            return LatentCache({"y": self.y[rows], "levels": self.levels[rows], "means": self.means[rows]})
+
+        return part(slice(None, -held_out)), part(slice(-held_out, None))
 
     def batch(self, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index = torch.from_numpy(rng.integers(self.y.shape[0], size=size))
