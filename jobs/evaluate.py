@@ -15,7 +15,8 @@ its rate points, "name:q2" one of them) and classical names (jpeg webp avif jpeg
 Diffusion decoding and UQDM are slow on a CPU, so they run on smaller images by default:
 --diffusion-size central crops for CDC's steps > 0, --uqdm-size resized-and-cropped images for
 UQDM (--uqdm-set crop: central crops at native scale instead; 0 = the images as given). Every
-classical codec is also measured on those sets, and each comparison stays within one set. What each metric and set is: model/evaluation.py.
+classical codec is also measured on those sets, and each comparison stays within one set.
+What each metric and set is: model/evaluation.py.
 """
 
 from __future__ import annotations
