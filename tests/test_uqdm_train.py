@@ -171,3 +171,14 @@ def test_the_command_trains_and_exports_into_out_dir_not_into_the_package(tmp_pa
     assert remake_exact(out / "uqdm-mine.calibration.json", "uqdm-mine").digest == exported.digest
     assert "diffpress train-uqdm" in exported.provenance
     assert not list(Path(model.__file__).parent.rglob("uqdm-mine*"))
+
+
+def test_the_loss_split_per_step_and_element_adds_up_to_the_bits():
+    torch.set_num_threads(1)
+    model = TrainableUQDM(seeded_float_weights())
+    tiles = torch.from_numpy(_tile(photo_crop(40, 60, 64, 64)))
+    parts: list[torch.Tensor] = []
+    with torch.no_grad():
+        bits = nelbo_bits(model, tiles, generator=torch.Generator().manual_seed(0), parts=parts)
+    assert len(parts) == model.config["n_timesteps"] + 1 and parts[0].shape == tiles.shape
+    assert float(sum(p.double().sum() for p in parts)) == pytest.approx(float(bits.sum()), rel=1e-5)

@@ -78,13 +78,14 @@ def to_latent_units(x: torch.Tensor) -> torch.Tensor:
 
 def nelbo_bits(model: TrainableUQDM, pixels: torch.Tensor, z_1: torch.Tensor | None = None,
                dithers: list[torch.Tensor] | None = None, generator: torch.Generator | None = None,
-               autocast: bool = False) -> torch.Tensor:
+               autocast: bool = False, parts: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Bits per image (B,) of the codec's stream for uint8 tiles `pixels` (B, 3, H, W): T step rates + lossless.
 
     Random by default (z_1 and the quantization errors from `generator`); with `z_1` and
     `dithers` (the codec's u of each step, in [-1/2, 1/2]) it follows the codec's own
     trajectory (hard universal quantization: no gradient through the rounding). Only the
-    network runs under bf16 `autocast`; the schedule and the rates stay float32.
+    network runs under bf16 `autocast`; the schedule and the rates stay float32. Given a list
+    `parts`, each step's bits per element (B, 3, H, W) and then the lossless term's are appended to it.
     """
     x = to_latent_units(pixels)
     gammas = model.log_snrs()
@@ -107,8 +108,14 @@ def nelbo_bits(model: TrainableUQDM, pixels: torch.Tensor, z_1: torch.Tensor | N
         else:
             u = dithers[i].float()
             z = p_loc + (torch.round((q_loc - p_loc).detach() / delta + u) - u) * delta
-        bits = bits + uq_logistic_bits(z - p_loc, delta, scale).flatten(1).sum(1)
-    return bits + pixel_bits(x, z, gammas[-1]).flatten(1).sum(1)
+        step = uq_logistic_bits(z - p_loc, delta, scale)
+        if parts is not None:
+            parts.append(step)
+        bits = bits + step.flatten(1).sum(1)
+    lossless = pixel_bits(x, z, gammas[-1])
+    if parts is not None:
+        parts.append(lossless)
+    return bits + lossless.flatten(1).sum(1)
 
 
 def uq_logistic_bits(y: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
