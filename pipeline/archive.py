@@ -48,7 +48,8 @@ from model import BitstreamError, Codec
 from model.codec import Latents
 from model.registry import WeightsNotInstalled, load_codec_for
 
-from .manifest import DATA_DIR, JOB_FILE, SUCCESS_FILE, CommittedShard, read_committed, read_manifest
+from .manifest import (DATA_DIR, JOB_FILE, SUCCESS_FILE, CommittedShard, DamagedManifest, read_committed,
+                       read_manifest)
 from .storage import open_location, shard_name
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,10 @@ class Archive(Mapping):
         self.location = open_location(url, storage_options)
         if not self.location.exists(JOB_FILE):
             raise ArchiveError(f"{url} is not a compress_bucket archive (no {JOB_FILE})")
-        self.job = json.loads(self.location.read(JOB_FILE))
+        self.job = self._read_json(JOB_FILE)
+        damaged = [name for name in ("codec", "weights_digest") if not isinstance(self.job.get(name), str)]
+        if damaged:  # every reader needs them to choose the codec: say so here, not as a KeyError later
+            raise ArchiveError(f"{url}/{JOB_FILE} is damaged: it names no {' and no '.join(damaged)}")
         self._codec, self.device, self.allow_incomplete = codec, device, allow_incomplete
         self._tables: dict[str, pa.Table] = {}
 
@@ -101,7 +105,8 @@ class Archive(Mapping):
     @cached_property
     def _committed(self) -> dict[str, CommittedShard]:
         """The committed shards by name (one listing, one footer each), checked against _SUCCESS."""
-        committed = dict(sorted(read_committed(self.location).items()))
+        with self._damaged_manifests():
+            committed = dict(sorted(read_committed(self.location).items()))
         shards = list(committed)
         success = self._success
         if success is None:
@@ -125,7 +130,19 @@ class Archive(Mapping):
 
     @cached_property
     def _success(self) -> dict | None:
-        return json.loads(self.location.read(SUCCESS_FILE)) if self.location.exists(SUCCESS_FILE) else None
+        return self._read_json(SUCCESS_FILE) if self.location.exists(SUCCESS_FILE) else None
+
+    def _read_json(self, name: str) -> dict:
+        """A layout file that holds a JSON object; ArchiveError naming it when it does not (damaged,
+        emptied, or another tool's: Hadoop writes an empty _SUCCESS)."""
+        try:
+            value = json.loads(self.location.read(name))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ArchiveError(f"{self.url}/{name} is damaged: not JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise ArchiveError(f"{self.url}/{name} is damaged: a JSON object is needed, it holds a "
+                               f"{type(value).__name__}")
+        return value
 
     def _incomplete(self, what: str) -> None:
         message = f"archive {self.url} is incomplete: {what}"
@@ -138,6 +155,14 @@ class Archive(Mapping):
         expected = (self._success or {}).get("images", 0)
         if counted < expected:
             self._incomplete(f"{SUCCESS_FILE} counts {expected} images but the manifests hold {counted}")
+
+    @contextlib.contextmanager
+    def _damaged_manifests(self) -> Iterator[None]:
+        """A manifest that cannot be read is an ArchiveError naming it (jobs.decode: one line, not a traceback)."""
+        try:
+            yield
+        except DamagedManifest as exc:
+            raise ArchiveError(f"archive {self.url} is damaged: {exc}") from exc
 
     def shard_sizes(self, shards: Sequence[str] | None = None) -> dict[str, int]:
         """Images per shard (all committed shards by default), read from the Parquet footers only."""
@@ -158,7 +183,8 @@ class Archive(Mapping):
         """A shard's manifest (cached)."""
         if shard not in self._tables:
             self._known([shard])
-            self._tables[shard] = read_manifest(self.location, shard)
+            with self._damaged_manifests():
+                self._tables[shard] = read_manifest(self.location, shard)
         return self._tables[shard]
 
     def shard_records(self, shard: str, rows: Sequence[int] | None = None) -> list[dict]:
@@ -181,7 +207,8 @@ class Archive(Mapping):
     def _index(self) -> dict[str, list[tuple[str, int]]]:
         """key -> [(shard, row), ...]: a key appears once per shard at most, maybe in several shards."""
         shards = self.shards()
-        columns = _parallel(lambda s: read_manifest(self.location, s, columns=["key"])["key"].to_pylist(), shards)
+        with self._damaged_manifests():
+            columns = _parallel(lambda s: read_manifest(self.location, s, columns=["key"])["key"].to_pylist(), shards)
         index: dict[str, list[tuple[str, int]]] = {}
         for shard, keys in zip(shards, columns):
             for row, key in enumerate(keys):

@@ -271,6 +271,41 @@ def test_a_blob_truncated_after_its_commit_is_refused_by_every_reader(cdc_archiv
             list(ArchiveDataset(str(copy), shards=["c-000"], decode_on=decode_on))
 
 
+DAMAGED_LAYOUT_FILES = {
+    "a _job.json that is not JSON": ("_job.json", b'{"codec": "cdc-hp128'),
+    "a _job.json that is a list": ("_job.json", b"[]"),
+    "a _job.json naming no codec": ("_job.json", b'{"format": "diffpress-archive/1"}'),
+    "an empty _SUCCESS, as Hadoop writes": ("_SUCCESS", b""),
+    "a manifest that is not Parquet": (manifest_path("c-000"), b"not parquet" * 10),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_LAYOUT_FILES))
+def test_a_damaged_job_success_or_manifest_file_is_one_line_naming_it_not_a_traceback(cdc_archive, tmp_path, capsys,
+                                                                                      case):
+    name, content = DAMAGED_LAYOUT_FILES[case]
+    copy = copy_archive(cdc_archive, tmp_path / "copy")
+    (copy / name).write_bytes(content)
+    with pytest.raises(ArchiveError, match=f"{name} is (damaged|not a readable manifest)"):
+        Archive(str(copy)).decode("p")
+    assert decode_job.main(["--input", str(copy), "--to", str(tmp_path / "never")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("diffpress decode: error: ") and name in line
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_manifest_column_of_another_type_is_an_archive_error_naming_the_manifest(cdc_archive, tmp_path):
+    copy = copy_archive(cdc_archive, tmp_path / "copy")
+    location = open_location(str(copy))
+    table = read_manifest(location, "c-000")
+    index = table.schema.get_field_index("offset")
+    write_table(location, manifest_path("c-000"),
+                table.set_column(index, "offset", pa.array(["x"] * table.num_rows, pa.string())))
+    with pytest.raises(ArchiveError, match=r"manifest/c-000.parquet is not a readable manifest: .*'x'"):
+        Archive(str(copy)).decode("p")
+    assert np.array_equal(Archive(str(copy)).decode("r"), Archive(str(cdc_archive)).decode("r"))  # other shards read
+
+
 def test_latents_of_a_uqdm_archive_synthesize_to_its_exact_prefix_images(uqdm_archive, uqdm):
     """UQDM's exact half is its whole decode: the workers pass the (prefix) streams on and the
     Synthesizer decodes them on its device; steps and CDC's speed options are refused."""
