@@ -57,6 +57,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 #: manifests and footers read at once (object stores answer requests in parallel)
 READ_THREADS = 16
+#: bytes of one ranged read above which the blob's size is checked first (see Archive.fetch)
+CHECKED_SPAN = 64 << 20
 
 
 class ArchiveError(RuntimeError):
@@ -299,10 +301,15 @@ class Archive(Mapping):
     def _span(self, row: dict, chunks: int | None) -> tuple[str, int, int]:
         """(blob path, start, end) of a record, or of its first `chunks` chunks."""
         lengths, size = row["chunk_lengths"], row["length"]
-        if any(row.get(name) is None for name in ("offset", "length", "crc32")) or row["offset"] < 0 or size < 0:
+        if any(row.get(name) is None for name in ("offset", "length", "crc32", "data_url")) or row["offset"] < 0 \
+                or size < 0:
             raise ArchiveError(f"{_where(row, self.url)} has a damaged manifest row (offset {row.get('offset')}, "
-                               f"length {size}, crc32 {row.get('crc32')})")
+                               f"length {size}, crc32 {row.get('crc32')}, data_url {row.get('data_url')!r})")
         if chunks is not None:
+            # A prefix ends where the manifest's chunk lengths say: they must fit in the record.
+            if lengths is None or any(n is None or n < 0 for n in lengths) or sum(lengths) > size:
+                raise ArchiveError(f"{_where(row, self.url)} has a damaged manifest row (chunk lengths {lengths} "
+                                   f"in a record of {size} bytes)")
             if not 0 < chunks <= len(lengths):
                 raise ArchiveError(f"record {row['key']!r} has {len(lengths)} chunks; asked for {chunks}")
             size -= sum(lengths[chunks:])
@@ -320,6 +327,20 @@ class Archive(Mapping):
                 runs[-1][3].append(i)
             else:
                 runs.append([blob, start, end, [i]])
+        for blob, start, end, members in runs:
+            # A local read allocates the bytes it is asked for before reading them: a length from a
+            # damaged manifest (a petabyte, say) is checked against the blob first. Records are KBs,
+            # so only such a span costs the extra request.
+            if end - start > CHECKED_SPAN:
+                try:
+                    size = self.location.fs.size(blob)
+                except OSError as exc:
+                    raise ArchiveError(f"cannot read {_where(rows[members[0]], self.url)}: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+                for i in members:
+                    if spans[i][2] > size:
+                        raise ArchiveError(f"{blob} ends before {_where(rows[i], self.url)} does ({size} bytes, the "
+                                           f"record ends at {spans[i][2]})")
         blobs = self.location.fs.cat_ranges([r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs],
                                             on_error="return")
         out: list[bytes] = [b""] * len(rows)

@@ -246,6 +246,9 @@ HOSTILE_MANIFESTS = {
     "negative offset": (lambda t: _set_column(t, "offset", [-100] * t.num_rows), "damaged manifest row"),
     "overlapping records": (lambda t: _set_column(t, "offset", [t["offset"][0].as_py()] * t.num_rows), "crc32"),
     "missing column": (lambda t: t.drop_columns(["crc32"]), "damaged manifest row"),
+    # a local read allocated what it was asked for: this was a MemoryError (or, smaller, a huge allocation)
+    "a length of a petabyte": (lambda t: _set_column(t, "length", [10 ** 15] * t.num_rows), "ends before"),
+    "no data_url": (lambda t: _set_column(t, "data_url", [None] * t.num_rows), "damaged manifest row"),
 }
 
 
@@ -257,6 +260,20 @@ def test_hostile_manifests_are_clear_errors_never_wrong_images(cdc_archive, tmp_
     write_table(location, manifest_path("c-000"), edit(read_manifest(location, "c-000")))
     with pytest.raises(ArchiveError, match=message):
         Archive(str(copy)).decode("p")
+
+
+def test_chunk_lengths_that_do_not_fit_their_record_are_a_damaged_row_for_a_prefix_read(uqdm_archive, tmp_path, uqdm):
+    copy = copy_archive(uqdm_archive, tmp_path / "copy")
+    location = open_location(str(copy))
+    table = read_manifest(location, "u-000")
+    lengths = table["chunk_lengths"].to_pylist()
+    hostile = [[n * 1000 for n in lengths[0]], [-n for n in lengths[1]]]  # past the record; negative
+    write_table(location, manifest_path("u-000"), _set_column(table, "chunk_lengths", hostile))
+    archive = Archive(str(copy), codec=uqdm)
+    for key in ("a", "b"):
+        with pytest.raises(ArchiveError, match=f"record '{key}' .* damaged manifest row .*chunk lengths"):
+            archive.read(key, chunks=2)
+    assert archive.read("a") == Archive(str(uqdm_archive), codec=uqdm).read("a")  # the whole record is crc-checked
 
 
 def test_a_blob_truncated_after_its_commit_is_refused_by_every_reader(cdc_archive, tmp_path):
