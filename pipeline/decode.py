@@ -49,7 +49,7 @@ from tqdm import tqdm
 from model.images import encode_png
 
 from .archive import Archive, ArchiveError
-from .cluster import actor_pool, connect_ray, runtime_env
+from .cluster import actor_pool, connect_ray, failure, runtime_env
 from .storage import Location, open_location
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def _run(config: DecodeConfig, settings: dict, todo: dict[str, list[int] | None]
                     item = ray.get(next(ready))
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                     log.error("shard %s failed: %s", shard, exc)
-                    failed[shard] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    failed[shard] = failure(exc)
                 else:
                     if isinstance(item, int):  # records done in a batch
                         bar.update(item)
