@@ -45,6 +45,7 @@ import pyarrow as pa
 import torch
 
 from model import BitstreamError, Codec
+from model.cdc.codec import MAX_STEPS
 from model.codec import Latents
 from model.registry import WeightsNotInstalled, load_codec_for
 
@@ -386,8 +387,10 @@ def decode_options(progressive: bool, what: str, steps: int | None, chunks: int 
     if steps is not None and progressive:
         raise ArchiveError(f"{what}: UQDM spends one diffusion step per chunk, so choose the prefix with chunks, "
                            "not steps")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
-        raise ArchiveError(f"steps must be a whole number of diffusion steps >= 0 (0: the mean image), got {steps!r}")
+    # Bounded here as the codec bounds it: past MAX_STEPS every decoder would fail, record by record.
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS):
+        raise ArchiveError(f"steps must be a whole number of diffusion steps in 0..{MAX_STEPS} (0: the mean image), "
+                           f"got {steps!r}")
     return {name: value for name, value in (("steps", steps), ("chunks", chunks)) if value is not None}
 
 

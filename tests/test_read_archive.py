@@ -130,6 +130,16 @@ def test_progressive_prefix_on_a_cdc_archive_is_a_clear_error(cdc_archive, uqdm_
         Archive(str(uqdm_archive)).read("a", chunks=6)
 
 
+def test_steps_past_the_codecs_maximum_are_refused_before_any_decoding(cdc_archive, tmp_path, capsys):
+    """--steps 5000 started Ray and failed every shard in its actor (the codec's ValueError, exit 1)."""
+    with pytest.raises(ArchiveError, match=r"steps must be a whole number of diffusion steps in 0\.\.1000"):
+        Archive(str(cdc_archive)).decode("p", steps=5000)
+    with pytest.raises(ArchiveError, match=r"in 0\.\.1000"):
+        ArchiveDataset(str(cdc_archive), steps=5000)
+    assert decode_job.main(["--input", str(cdc_archive), "--to", str(tmp_path / "never"), "--steps", "5000"]) == 2
+    assert "got 5000" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
 def test_same_key_in_two_shards_random_access_names_the_shards(cdc_archive):
     """Issue 8.3: random access by an ambiguous key says where it is; shard= chooses."""
     archive = Archive(str(cdc_archive))
