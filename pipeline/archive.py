@@ -260,6 +260,9 @@ class Archive(Mapping):
         if not places:
             where = f" in shard {shard!r}" if shard is not None else ""
             raise MissingKey(f"no image with key {key!r}{where} in {self.url}")
+        if len({s for s, _ in places}) < len(places):  # compress never writes this
+            raise ArchiveError(f"key {key!r} is on {len(places)} rows of shard {places[0][0]} of {self.url}: a damaged "
+                               "manifest (keys are unique within a shard)")
         if len(places) > 1:
             raise ArchiveError(f"key {key!r} is in {len(places)} shards of {self.url} "
                                f"({', '.join(s for s, _ in places)}): pass shard= to choose one")

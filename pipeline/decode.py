@@ -229,16 +229,24 @@ class ShardDecoder:
         config = self.config
         records = self.archive.shard_records(shard, rows)
         errors = []
+        written: set[str] = set()
         output = (TarOutput if config.fmt == "wds" else PngOutput)(self.target, shard)
         with output:
             for start in range(0, len(records), config.batch_size):
                 batch = records[start:start + config.batch_size]
                 for row, image in zip(batch, self._decode(batch)):
+                    # Compress never writes a key twice in a shard; a damaged manifest may. A second image of
+                    # a key would put its members twice in the .tar or, as PNGs, fail the whole shard (one
+                    # file name): it is that record's error, one image per key is written.
+                    if row["key"] in written:
+                        image = ArchiveError(f"record {row['key']!r} of shard {shard}: its key is on two rows of the "
+                                             "manifest (damaged: keys are unique in a shard); one is written")
                     if isinstance(image, ArchiveError):
                         log.warning("%s", image)
                         errors.append({"key": row["key"], "reason": str(image)})
                     else:
                         output.add(row, encode_png(image))
+                        written.add(row["key"])
                 yield len(batch)
             output.commit()
         commit = {"shard": shard, "settings": self.settings, "records": len(records),

@@ -141,6 +141,31 @@ def test_a_failed_shard_is_named_with_its_cause_not_rays_wrapper(archive, tmp_pa
     assert "ray::" not in line and len(read_shard((to / "hostile.tar").read_bytes()).samples) == len(HOSTILE_KEYS)
 
 
+@pytest.mark.parametrize("fmt", ["png", "wds"])
+def test_a_key_twice_in_one_manifest_is_that_records_error_and_the_rest_of_the_shard_decodes(archive, tmp_path,
+                                                                                             capsys, fmt):
+    """As PNGs the whole shard failed (two records, one file name); in a .tar the key's members were written twice."""
+    copy = copy_archive(archive, tmp_path / "copy")
+    location = open_location(str(copy))
+    table = read_manifest(location, "plain")
+    assert table["key"].to_pylist() == ["b", "masked", "m0"]
+    write_table(location, manifest_path("plain"), table.set_column(
+        table.schema.get_field_index("key"), "key", pa.array(["b", "masked", "b"], pa.string())))
+    with pytest.raises(ArchiveError, match="key 'b' is on 2 rows of shard plain .* damaged manifest"):
+        Archive(str(copy)).decode("b", shard="plain")
+    to = tmp_path / fmt
+    assert decode_job.main(["--input", str(copy), "--to", str(to), "--format", fmt, "--steps", "0",
+                            "--shards", "plain"]) == 1
+    assert "plain/b: record 'b' of shard plain: its key is on two rows" in capsys.readouterr().out
+    commit = json.loads((to / commit_path("plain")).read_text())
+    assert commit["written"] == 2 and [e["key"] for e in commit["errors"]] == ["b"]
+    if fmt == "wds":
+        contents = read_shard((to / "plain.tar").read_bytes())
+        assert [s.key for s in contents.samples] == ["b", "masked"] and not contents.errors
+    else:
+        assert sorted(commit["files"]) == ["b.png", "masked.decoded.png"]
+
+
 def test_rerun_skips_decoded_shards_and_never_leaves_a_half_shard(archive, tmp_path):
     to = tmp_path / "wds"
     decode_archive(str(archive), str(to), steps=0, fmt="wds", actors=1)
