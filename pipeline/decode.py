@@ -241,12 +241,15 @@ class ShardDecoder:
                     if row["key"] in written:
                         image = ArchiveError(f"record {row['key']!r} of shard {shard}: its key is on two rows of the "
                                              "manifest (damaged: keys are unique in a shard); one is written")
-                    if isinstance(image, ArchiveError):
-                        log.warning("%s", image)
-                        errors.append({"key": row["key"], "reason": str(image)})
-                    else:
-                        output.add(row, encode_png(image))
-                        written.add(row["key"])
+                    if not isinstance(image, ArchiveError):
+                        try:
+                            output.add(row, encode_png(image))
+                            written.add(row["key"])
+                            continue
+                        except ArchiveError as exc:  # a record this output cannot hold (see TarOutput.add)
+                            image = exc
+                    log.warning("%s", image)
+                    errors.append({"key": row["key"], "reason": str(image)})
                 yield len(batch)
             output.commit()
         commit = {"shard": shard, "settings": self.settings, "records": len(records),
@@ -283,6 +286,9 @@ class TarOutput:
         self.names = {"image_members": {}}  # key -> member, where the decoded image is not "png"
 
     def add(self, row: dict, png: bytes) -> None:
+        if "\0" in row["key"]:  # tar cuts a member name at NUL: "a\0b.png" would be read back as "a"
+            raise ArchiveError(f"record {row['key']!r} of shard {self.relative[:-len('.tar')]}: a key with a NUL "
+                               "character cannot name tar members; decode it with --format png")
         member = image_member(row["extras"])
         if member != "png":
             self.names["image_members"][row["key"]] = member

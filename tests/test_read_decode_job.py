@@ -166,6 +166,22 @@ def test_a_key_twice_in_one_manifest_is_that_records_error_and_the_rest_of_the_s
         assert sorted(commit["files"]) == ["b.png", "masked.decoded.png"]
 
 
+def test_a_key_with_a_nul_is_that_records_error_in_a_tar_never_a_cut_member_name(archive, tmp_path, capsys):
+    """tar cuts member names at NUL: "m\\0 0.png" and "m\\0 0.cls" were both written as a member "m"."""
+    copy = copy_archive(archive, tmp_path / "copy")
+    location = open_location(str(copy))
+    table = read_manifest(location, "plain")
+    write_table(location, manifest_path("plain"), table.set_column(
+        table.schema.get_field_index("key"), "key", pa.array(["b", "masked", "m\0 0"], pa.string())))
+    to = tmp_path / "wds"
+    assert decode_job.main(["--input", str(copy), "--to", str(to), "--format", "wds", "--steps", "0",
+                            "--shards", "plain"]) == 1
+    assert "a key with a NUL character cannot name tar members" in capsys.readouterr().out
+    contents = read_shard((to / "plain.tar").read_bytes())
+    assert [s.key for s in contents.samples] == ["b", "masked"] and not contents.errors
+    assert [e["key"] for e in json.loads((to / commit_path("plain")).read_text())["errors"]] == ["m\0 0"]
+
+
 def test_rerun_skips_decoded_shards_and_never_leaves_a_half_shard(archive, tmp_path):
     to = tmp_path / "wds"
     decode_archive(str(archive), str(to), steps=0, fmt="wds", actors=1)
