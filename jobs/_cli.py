@@ -167,13 +167,21 @@ def check_codec(name: str) -> str:
 
 
 def check_output(url: str, flag: str, env: dict[str, str] | os._Environ = os.environ) -> str:
-    """An output location as given, unless it is a relative path under `ray job submit`: refused.
+    """An output location as given, unless it is a relative path under `ray job submit`, or a
+    local path that is (or lies under) a file: refused.
 
-    There the command runs in Ray's temporary copy of --working-dir, so a relative output would
-    land in that copy (on whichever node) and be deleted with it.
+    Under `ray job submit` the command runs in Ray's temporary copy of --working-dir, so a
+    relative output would land in that copy (on whichever node) and be deleted with it. A file
+    in the way failed late: compress with a NotADirectoryError traceback, decode in every actor.
     """
     if RAY_JOB_ENV in env and "://" not in url and not Path(url).is_absolute():
         raise UsageError(f"{flag} {url!r} is a relative path, and this runs as a Ray job, in a temporary copy of "
                          f"--working-dir that Ray deletes: give an absolute path on storage that every node sees, or "
                          f"a URL (s3://bucket/archive)")
+    if "://" not in url or url.startswith("file://"):
+        path = Path(url.removeprefix("file://"))
+        existing = next(p for p in (path, *path.parents) if p.exists())  # the root exists
+        if not existing.is_dir():
+            raise UsageError(f"{flag} {url!r}: {existing} is a file, not a folder; give a folder to write into "
+                             f"(it is made if missing)")
     return url

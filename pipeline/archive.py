@@ -45,10 +45,12 @@ import pyarrow as pa
 import torch
 
 from model import BitstreamError, Codec
+from model.cdc.codec import MAX_STEPS
 from model.codec import Latents
 from model.registry import WeightsNotInstalled, load_codec_for
 
-from .manifest import DATA_DIR, JOB_FILE, SUCCESS_FILE, CommittedShard, read_committed, read_manifest
+from .manifest import (DATA_DIR, JOB_FILE, SUCCESS_FILE, CommittedShard, DamagedManifest, read_committed,
+                       read_manifest)
 from .storage import open_location, shard_name
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 #: manifests and footers read at once (object stores answer requests in parallel)
 READ_THREADS = 16
+#: bytes of one ranged read above which the blob's size is checked first (see Archive.fetch)
+CHECKED_SPAN = 64 << 20
 
 
 class ArchiveError(RuntimeError):
@@ -93,7 +97,10 @@ class Archive(Mapping):
         self.location = open_location(url, storage_options)
         if not self.location.exists(JOB_FILE):
             raise ArchiveError(f"{url} is not a compress_bucket archive (no {JOB_FILE})")
-        self.job = json.loads(self.location.read(JOB_FILE))
+        self.job = self._read_json(JOB_FILE)
+        damaged = [name for name in ("codec", "weights_digest") if not isinstance(self.job.get(name), str)]
+        if damaged:  # every reader needs them to choose the codec: say so here, not as a KeyError later
+            raise ArchiveError(f"{url}/{JOB_FILE} is damaged: it names no {' and no '.join(damaged)}")
         self._codec, self.device, self.allow_incomplete = codec, device, allow_incomplete
         self._tables: dict[str, pa.Table] = {}
 
@@ -101,7 +108,8 @@ class Archive(Mapping):
     @cached_property
     def _committed(self) -> dict[str, CommittedShard]:
         """The committed shards by name (one listing, one footer each), checked against _SUCCESS."""
-        committed = dict(sorted(read_committed(self.location).items()))
+        with self._damaged_manifests():
+            committed = dict(sorted(read_committed(self.location).items()))
         shards = list(committed)
         success = self._success
         if success is None:
@@ -125,7 +133,19 @@ class Archive(Mapping):
 
     @cached_property
     def _success(self) -> dict | None:
-        return json.loads(self.location.read(SUCCESS_FILE)) if self.location.exists(SUCCESS_FILE) else None
+        return self._read_json(SUCCESS_FILE) if self.location.exists(SUCCESS_FILE) else None
+
+    def _read_json(self, name: str) -> dict:
+        """A layout file that holds a JSON object; ArchiveError naming it when it does not (damaged,
+        emptied, or another tool's: Hadoop writes an empty _SUCCESS)."""
+        try:
+            value = json.loads(self.location.read(name))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ArchiveError(f"{self.url}/{name} is damaged: not JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise ArchiveError(f"{self.url}/{name} is damaged: a JSON object is needed, it holds a "
+                               f"{type(value).__name__}")
+        return value
 
     def _incomplete(self, what: str) -> None:
         message = f"archive {self.url} is incomplete: {what}"
@@ -138,6 +158,14 @@ class Archive(Mapping):
         expected = (self._success or {}).get("images", 0)
         if counted < expected:
             self._incomplete(f"{SUCCESS_FILE} counts {expected} images but the manifests hold {counted}")
+
+    @contextlib.contextmanager
+    def _damaged_manifests(self) -> Iterator[None]:
+        """A manifest that cannot be read is an ArchiveError naming it (jobs.decode: one line, not a traceback)."""
+        try:
+            yield
+        except DamagedManifest as exc:
+            raise ArchiveError(f"archive {self.url} is damaged: {exc}") from exc
 
     def shard_sizes(self, shards: Sequence[str] | None = None) -> dict[str, int]:
         """Images per shard (all committed shards by default), read from the Parquet footers only."""
@@ -158,7 +186,8 @@ class Archive(Mapping):
         """A shard's manifest (cached)."""
         if shard not in self._tables:
             self._known([shard])
-            self._tables[shard] = read_manifest(self.location, shard)
+            with self._damaged_manifests():
+                self._tables[shard] = read_manifest(self.location, shard)
         return self._tables[shard]
 
     def shard_records(self, shard: str, rows: Sequence[int] | None = None) -> list[dict]:
@@ -181,7 +210,8 @@ class Archive(Mapping):
     def _index(self) -> dict[str, list[tuple[str, int]]]:
         """key -> [(shard, row), ...]: a key appears once per shard at most, maybe in several shards."""
         shards = self.shards()
-        columns = _parallel(lambda s: read_manifest(self.location, s, columns=["key"])["key"].to_pylist(), shards)
+        with self._damaged_manifests():
+            columns = _parallel(lambda s: read_manifest(self.location, s, columns=["key"])["key"].to_pylist(), shards)
         index: dict[str, list[tuple[str, int]]] = {}
         for shard, keys in zip(shards, columns):
             for row, key in enumerate(keys):
@@ -230,6 +260,9 @@ class Archive(Mapping):
         if not places:
             where = f" in shard {shard!r}" if shard is not None else ""
             raise MissingKey(f"no image with key {key!r}{where} in {self.url}")
+        if len({s for s, _ in places}) < len(places):  # compress never writes this
+            raise ArchiveError(f"key {key!r} is on {len(places)} rows of shard {places[0][0]} of {self.url}: a damaged "
+                               "manifest (keys are unique within a shard)")
         if len(places) > 1:
             raise ArchiveError(f"key {key!r} is in {len(places)} shards of {self.url} "
                                f"({', '.join(s for s, _ in places)}): pass shard= to choose one")
@@ -272,10 +305,15 @@ class Archive(Mapping):
     def _span(self, row: dict, chunks: int | None) -> tuple[str, int, int]:
         """(blob path, start, end) of a record, or of its first `chunks` chunks."""
         lengths, size = row["chunk_lengths"], row["length"]
-        if any(row.get(name) is None for name in ("offset", "length", "crc32")) or row["offset"] < 0 or size < 0:
+        if any(row.get(name) is None for name in ("offset", "length", "crc32", "data_url")) or row["offset"] < 0 \
+                or size < 0:
             raise ArchiveError(f"{_where(row, self.url)} has a damaged manifest row (offset {row.get('offset')}, "
-                               f"length {size}, crc32 {row.get('crc32')})")
+                               f"length {size}, crc32 {row.get('crc32')}, data_url {row.get('data_url')!r})")
         if chunks is not None:
+            # A prefix ends where the manifest's chunk lengths say: they must fit in the record.
+            if lengths is None or any(n is None or n < 0 for n in lengths) or sum(lengths) > size:
+                raise ArchiveError(f"{_where(row, self.url)} has a damaged manifest row (chunk lengths {lengths} "
+                                   f"in a record of {size} bytes)")
             if not 0 < chunks <= len(lengths):
                 raise ArchiveError(f"record {row['key']!r} has {len(lengths)} chunks; asked for {chunks}")
             size -= sum(lengths[chunks:])
@@ -293,6 +331,20 @@ class Archive(Mapping):
                 runs[-1][3].append(i)
             else:
                 runs.append([blob, start, end, [i]])
+        for blob, start, end, members in runs:
+            # A local read allocates the bytes it is asked for before reading them: a length from a
+            # damaged manifest (a petabyte, say) is checked against the blob first. Records are KBs,
+            # so only such a span costs the extra request.
+            if end - start > CHECKED_SPAN:
+                try:
+                    size = self.location.fs.size(blob)
+                except OSError as exc:
+                    raise ArchiveError(f"cannot read {_where(rows[members[0]], self.url)}: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+                for i in members:
+                    if spans[i][2] > size:
+                        raise ArchiveError(f"{blob} ends before {_where(rows[i], self.url)} does ({size} bytes, the "
+                                           f"record ends at {spans[i][2]})")
         blobs = self.location.fs.cat_ranges([r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs],
                                             on_error="return")
         out: list[bytes] = [b""] * len(rows)
@@ -338,8 +390,10 @@ def decode_options(progressive: bool, what: str, steps: int | None, chunks: int 
     if steps is not None and progressive:
         raise ArchiveError(f"{what}: UQDM spends one diffusion step per chunk, so choose the prefix with chunks, "
                            "not steps")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
-        raise ArchiveError(f"steps must be a whole number of diffusion steps >= 0 (0: the mean image), got {steps!r}")
+    # Bounded here as the codec bounds it: past MAX_STEPS every decoder would fail, record by record.
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS):
+        raise ArchiveError(f"steps must be a whole number of diffusion steps in 0..{MAX_STEPS} (0: the mean image), "
+                           f"got {steps!r}")
     return {name: value for name, value in (("steps", steps), ("chunks", chunks)) if value is not None}
 
 

@@ -3,6 +3,7 @@
     connect_ray()                          # RAY_ADDRESS (ray job submit), else Ray in-process
     count, gpus = actor_pool(actors, gpus_per_actor, "decoders")
     ray.remote(...).options(runtime_env=runtime_env())
+    failure(exc)                           # one line about a failed Ray call: its cause, not Ray's wrapper
 
 ConfigError is a run that cannot start as asked (flags, resources, an archive it would
 corrupt, an output in use): the command lines print it as one line and exit 2.
@@ -56,3 +57,14 @@ def connect_ray(env: Mapping[str, str] = os.environ) -> None:
     """
     if not ray.is_initialized():
         ray.init(address=env.get("RAY_ADDRESS") or "local", log_to_driver=True)
+
+
+def failure(exc: ray.exceptions.RayError) -> str:
+    """One line about a failed Ray call, without its traceback (the caller says which call).
+    Not the task's function_name: Ray raises most task errors as a class that derives from the
+    cause's too (an OSError from a commit is also an OSError), and that has no function_name;
+    and not the wrapper's first line, which names the actor and its pid, never why."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        return f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"

@@ -45,7 +45,7 @@ from model import load_codec
 from model.metrics import psnr_from_mse
 
 from . import stages
-from .cluster import ConfigError, actor_pool, connect_ray, runtime_env
+from .cluster import ConfigError, actor_pool, connect_ray, failure, runtime_env
 from .lease import OutputLease, OutputUnavailable
 from .manifest import JOB_FILE, SUCCESS_FILE, CommittedShard, ShardTotals, read_committed
 from .storage import Location, Shard, list_shards, open_location, redact, redact_url, shard_name
@@ -502,15 +502,10 @@ class _Scheduler:
 
 
 def _failure(exc: ray.exceptions.RayError) -> str:
-    """One line about a failed Ray call, without its traceback (the caller says which call).
-    Not the task's function_name: Ray raises most task errors as a class that derives from the
-    cause's too (an OSError from a commit is also an OSError), and that has no function_name."""
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-        return f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+    """One line about a failed Ray call (cluster.failure), an encoder's crash said as such."""
     if isinstance(exc, ray.exceptions.RayActorError):
         return f"encoder crashed ({type(exc).__name__}, after {ENCODER_RETRIES} retries)"
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    return failure(exc)
 
 
 def _add_unique(values: list, value) -> None:

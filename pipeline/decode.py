@@ -49,7 +49,7 @@ from tqdm import tqdm
 from model.images import encode_png
 
 from .archive import Archive, ArchiveError
-from .cluster import actor_pool, connect_ray, runtime_env
+from .cluster import actor_pool, connect_ray, failure, runtime_env
 from .storage import Location, open_location
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def _run(config: DecodeConfig, settings: dict, todo: dict[str, list[int] | None]
                     item = ray.get(next(ready))
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                     log.error("shard %s failed: %s", shard, exc)
-                    failed[shard] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    failed[shard] = failure(exc)
                 else:
                     if isinstance(item, int):  # records done in a batch
                         bar.update(item)
@@ -229,16 +229,27 @@ class ShardDecoder:
         config = self.config
         records = self.archive.shard_records(shard, rows)
         errors = []
+        written: set[str] = set()
         output = (TarOutput if config.fmt == "wds" else PngOutput)(self.target, shard)
         with output:
             for start in range(0, len(records), config.batch_size):
                 batch = records[start:start + config.batch_size]
                 for row, image in zip(batch, self._decode(batch)):
-                    if isinstance(image, ArchiveError):
-                        log.warning("%s", image)
-                        errors.append({"key": row["key"], "reason": str(image)})
-                    else:
-                        output.add(row, encode_png(image))
+                    # Compress never writes a key twice in a shard; a damaged manifest may. A second image of
+                    # a key would put its members twice in the .tar or, as PNGs, fail the whole shard (one
+                    # file name): it is that record's error, one image per key is written.
+                    if row["key"] in written:
+                        image = ArchiveError(f"record {row['key']!r} of shard {shard}: its key is on two rows of the "
+                                             "manifest (damaged: keys are unique in a shard); one is written")
+                    if not isinstance(image, ArchiveError):
+                        try:
+                            output.add(row, encode_png(image))
+                            written.add(row["key"])
+                            continue
+                        except ArchiveError as exc:  # a record this output cannot hold (see TarOutput.add)
+                            image = exc
+                    log.warning("%s", image)
+                    errors.append({"key": row["key"], "reason": str(image)})
                 yield len(batch)
             output.commit()
         commit = {"shard": shard, "settings": self.settings, "records": len(records),
@@ -275,6 +286,9 @@ class TarOutput:
         self.names = {"image_members": {}}  # key -> member, where the decoded image is not "png"
 
     def add(self, row: dict, png: bytes) -> None:
+        if "\0" in row["key"]:  # tar cuts a member name at NUL: "a\0b.png" would be read back as "a"
+            raise ArchiveError(f"record {row['key']!r} of shard {self.relative[:-len('.tar')]}: a key with a NUL "
+                               "character cannot name tar members; decode it with --format png")
         member = image_member(row["extras"])
         if member != "png":
             self.names["image_members"][row["key"]] = member

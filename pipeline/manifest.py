@@ -67,6 +67,10 @@ SHARD_METADATA_KEY = b"diffpress.shard"
 FOOTER_BYTES = 64 << 10  # read from a manifest's end to find its footer; more only if it is larger
 
 
+class DamagedManifest(ValueError):
+    """A manifest that is not Parquet, or whose columns or footer are not the manifest's."""
+
+
 @dataclass
 class ShardTotals:
     """What a committed shard holds, summed."""
@@ -122,7 +126,11 @@ def read_committed(location: Location) -> dict[str, CommittedShard]:
     committed = {}
     for path, tail in zip(sizes, location.read_tails(sizes, FOOTER_BYTES)):
         name = posixpath.basename(path)[:-len(".parquet")]
-        committed[name] = _from_footer(tail, location, path) or _from_rows(location, name)
+        try:
+            committed[name] = _from_footer(tail, location, path) or _from_rows(location, name)
+        except (pa.ArrowException, ValueError, KeyError, TypeError) as exc:  # not Parquet, or a foreign footer
+            raise DamagedManifest(f"{manifest_path(name)} is not a readable manifest: "
+                                  f"{type(exc).__name__}: {exc}") from exc
     return committed
 
 
@@ -189,8 +197,13 @@ def read_manifests(location: Location) -> pa.Table:
 
 
 def read_manifest(location: Location, shard: str, columns: list[str] | None = None) -> pa.Table:
-    """One shard's manifest (only `columns`, when given)."""
-    return pq.read_table(io.BytesIO(location.read(manifest_path(shard))), schema=MANIFEST_SCHEMA, columns=columns)
+    """One shard's manifest (only `columns`, when given); DamagedManifest if its columns cannot be
+    read as the manifest's (not Parquet, or another type: offsets as strings, say)."""
+    data = location.read(manifest_path(shard))
+    try:
+        return pq.read_table(io.BytesIO(data), schema=MANIFEST_SCHEMA, columns=columns)
+    except pa.ArrowException as exc:
+        raise DamagedManifest(f"{manifest_path(shard)} is not a readable manifest: {exc}") from exc
 
 
 def read_errors(location: Location) -> pa.Table:

@@ -18,6 +18,7 @@ from jobs._cli import RAY_JOB_ENV, check_codec
 from model.paths import REPO
 from model.registry import USER_DIR, catalog, file_digest, resolve
 
+from .read_fixtures import sample, write_shards
 from .uqdm_fixtures import TEST_NAME
 
 SECRET = "s3cr3t-never-shown"
@@ -116,6 +117,21 @@ def test_a_relative_output_under_a_ray_job_is_refused(tmp_path, monkeypatch, cap
     # An absolute path passes that check and fails on what is wrong with it (no shards there).
     assert cli.main(["compress", "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
     assert "no shards" in capsys.readouterr().err
+
+
+def test_an_output_that_is_a_file_or_under_one_is_refused_before_any_work(tmp_path):
+    """--output a file was a NotADirectoryError traceback (from the lease); --to a file started Ray
+    and failed every shard in its actor."""
+    write_shards(tmp_path / "in", {"s": [sample("a", 1)]})
+    (tmp_path / "a-file").write_bytes(b"x")
+    for argv, flag in [(["compress", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "a-file")], "--output"),
+                       (["decode", "--input", str(tmp_path / "in"), "--to", str(tmp_path / "a-file" / "png")], "--to")]:
+        result = run_command(["jobs.cli", *argv], tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        [error] = errors_of(result.stderr)
+        assert error.startswith(f"diffpress {argv[0]}: error: {flag} ") and f"{tmp_path / 'a-file'} is a file" in error
+        assert list((tmp_path / "ray").iterdir()) == [], "Ray was started"
+    assert (tmp_path / "a-file").read_bytes() == b"x"
 
 
 @pytest.fixture

@@ -130,6 +130,16 @@ def test_progressive_prefix_on_a_cdc_archive_is_a_clear_error(cdc_archive, uqdm_
         Archive(str(uqdm_archive)).read("a", chunks=6)
 
 
+def test_steps_past_the_codecs_maximum_are_refused_before_any_decoding(cdc_archive, tmp_path, capsys):
+    """--steps 5000 started Ray and failed every shard in its actor (the codec's ValueError, exit 1)."""
+    with pytest.raises(ArchiveError, match=r"steps must be a whole number of diffusion steps in 0\.\.1000"):
+        Archive(str(cdc_archive)).decode("p", steps=5000)
+    with pytest.raises(ArchiveError, match=r"in 0\.\.1000"):
+        ArchiveDataset(str(cdc_archive), steps=5000)
+    assert decode_job.main(["--input", str(cdc_archive), "--to", str(tmp_path / "never"), "--steps", "5000"]) == 2
+    assert "got 5000" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
 def test_same_key_in_two_shards_random_access_names_the_shards(cdc_archive):
     """Issue 8.3: random access by an ambiguous key says where it is; shard= chooses."""
     archive = Archive(str(cdc_archive))
@@ -246,6 +256,9 @@ HOSTILE_MANIFESTS = {
     "negative offset": (lambda t: _set_column(t, "offset", [-100] * t.num_rows), "damaged manifest row"),
     "overlapping records": (lambda t: _set_column(t, "offset", [t["offset"][0].as_py()] * t.num_rows), "crc32"),
     "missing column": (lambda t: t.drop_columns(["crc32"]), "damaged manifest row"),
+    # a local read allocated what it was asked for: this was a MemoryError (or, smaller, a huge allocation)
+    "a length of a petabyte": (lambda t: _set_column(t, "length", [10 ** 15] * t.num_rows), "ends before"),
+    "no data_url": (lambda t: _set_column(t, "data_url", [None] * t.num_rows), "damaged manifest row"),
 }
 
 
@@ -259,6 +272,20 @@ def test_hostile_manifests_are_clear_errors_never_wrong_images(cdc_archive, tmp_
         Archive(str(copy)).decode("p")
 
 
+def test_chunk_lengths_that_do_not_fit_their_record_are_a_damaged_row_for_a_prefix_read(uqdm_archive, tmp_path, uqdm):
+    copy = copy_archive(uqdm_archive, tmp_path / "copy")
+    location = open_location(str(copy))
+    table = read_manifest(location, "u-000")
+    lengths = table["chunk_lengths"].to_pylist()
+    hostile = [[n * 1000 for n in lengths[0]], [-n for n in lengths[1]]]  # past the record; negative
+    write_table(location, manifest_path("u-000"), _set_column(table, "chunk_lengths", hostile))
+    archive = Archive(str(copy), codec=uqdm)
+    for key in ("a", "b"):
+        with pytest.raises(ArchiveError, match=f"record '{key}' .* damaged manifest row .*chunk lengths"):
+            archive.read(key, chunks=2)
+    assert archive.read("a") == Archive(str(uqdm_archive), codec=uqdm).read("a")  # the whole record is crc-checked
+
+
 def test_a_blob_truncated_after_its_commit_is_refused_by_every_reader(cdc_archive, tmp_path):
     copy = copy_archive(cdc_archive, tmp_path / "copy")
     [blob] = (copy / "data").glob("c-000*")
@@ -269,6 +296,41 @@ def test_a_blob_truncated_after_its_commit_is_refused_by_every_reader(cdc_archiv
     for decode_on in ("worker", "device"):
         with pytest.raises(ArchiveError, match="ends before"):
             list(ArchiveDataset(str(copy), shards=["c-000"], decode_on=decode_on))
+
+
+DAMAGED_LAYOUT_FILES = {
+    "a _job.json that is not JSON": ("_job.json", b'{"codec": "cdc-hp128'),
+    "a _job.json that is a list": ("_job.json", b"[]"),
+    "a _job.json naming no codec": ("_job.json", b'{"format": "diffpress-archive/1"}'),
+    "an empty _SUCCESS, as Hadoop writes": ("_SUCCESS", b""),
+    "a manifest that is not Parquet": (manifest_path("c-000"), b"not parquet" * 10),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_LAYOUT_FILES))
+def test_a_damaged_job_success_or_manifest_file_is_one_line_naming_it_not_a_traceback(cdc_archive, tmp_path, capsys,
+                                                                                      case):
+    name, content = DAMAGED_LAYOUT_FILES[case]
+    copy = copy_archive(cdc_archive, tmp_path / "copy")
+    (copy / name).write_bytes(content)
+    with pytest.raises(ArchiveError, match=f"{name} is (damaged|not a readable manifest)"):
+        Archive(str(copy)).decode("p")
+    assert decode_job.main(["--input", str(copy), "--to", str(tmp_path / "never")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("diffpress decode: error: ") and name in line
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_manifest_column_of_another_type_is_an_archive_error_naming_the_manifest(cdc_archive, tmp_path):
+    copy = copy_archive(cdc_archive, tmp_path / "copy")
+    location = open_location(str(copy))
+    table = read_manifest(location, "c-000")
+    index = table.schema.get_field_index("offset")
+    write_table(location, manifest_path("c-000"),
+                table.set_column(index, "offset", pa.array(["x"] * table.num_rows, pa.string())))
+    with pytest.raises(ArchiveError, match=r"manifest/c-000.parquet is not a readable manifest: .*'x'"):
+        Archive(str(copy)).decode("p")
+    assert np.array_equal(Archive(str(copy)).decode("r"), Archive(str(cdc_archive)).decode("r"))  # other shards read
 
 
 def test_latents_of_a_uqdm_archive_synthesize_to_its_exact_prefix_images(uqdm_archive, uqdm):

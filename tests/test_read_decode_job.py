@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from torch.utils.data import DataLoader
 
@@ -16,8 +17,10 @@ from jobs import decode as decode_job
 from pipeline.archive import Archive, ArchiveError
 from pipeline.decode import MAX_NAME, PARTIAL_DIR, commit_path, decode_archive, safe_name
 from pipeline.loader import ArchiveDataset
+from pipeline.manifest import manifest_path, read_manifest, write_table
 from pipeline.ray_data import decode_records, read_archive
 from pipeline.shards import read_shard
+from pipeline.storage import open_location
 
 from .pipeline_fixtures import encoded, local_ray  # noqa: F401 - fixture
 from .read_fixtures import HOSTILE_KEYS, compress, copy_archive, png_pixels, sample, write_shards
@@ -121,6 +124,62 @@ def test_keys_used_as_file_paths_one_bad_record_does_not_stop_the_rest(archive, 
     assert keys == ["b", "masked"] and len(read_shard((to / "hostile.tar").read_bytes()).samples) == len(HOSTILE_KEYS)
     errors = json.loads((to / commit_path("plain")).read_text())["errors"]
     assert [e["key"] for e in errors] == ["m0"] and "crc32" in errors[0]["reason"]
+
+
+def test_a_failed_shard_is_named_with_its_cause_not_rays_wrapper(archive, tmp_path, capsys):
+    """The summary gave the first line of Ray's RayTaskError: the actor's name and pid, never why."""
+    copy = copy_archive(archive, tmp_path / "copy")
+    location = open_location(str(copy))
+    table = read_manifest(location, "plain")
+    offsets = pa.array([str(n) + "x" for n in table["offset"].to_pylist()], pa.string())
+    write_table(location, manifest_path("plain"), table.set_column(table.schema.get_field_index("offset"), "offset",
+                                                                   offsets))
+    to = tmp_path / "wds"
+    assert decode_job.main(["--input", str(copy), "--to", str(to), "--format", "wds", "--steps", "0"]) == 1
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("shard failed")]
+    assert line.startswith("shard failed       plain: ArchiveError: ") and "manifest/plain.parquet" in line
+    assert "ray::" not in line and len(read_shard((to / "hostile.tar").read_bytes()).samples) == len(HOSTILE_KEYS)
+
+
+@pytest.mark.parametrize("fmt", ["png", "wds"])
+def test_a_key_twice_in_one_manifest_is_that_records_error_and_the_rest_of_the_shard_decodes(archive, tmp_path,
+                                                                                             capsys, fmt):
+    """As PNGs the whole shard failed (two records, one file name); in a .tar the key's members were written twice."""
+    copy = copy_archive(archive, tmp_path / "copy")
+    location = open_location(str(copy))
+    table = read_manifest(location, "plain")
+    assert table["key"].to_pylist() == ["b", "masked", "m0"]
+    write_table(location, manifest_path("plain"), table.set_column(
+        table.schema.get_field_index("key"), "key", pa.array(["b", "masked", "b"], pa.string())))
+    with pytest.raises(ArchiveError, match="key 'b' is on 2 rows of shard plain .* damaged manifest"):
+        Archive(str(copy)).decode("b", shard="plain")
+    to = tmp_path / fmt
+    assert decode_job.main(["--input", str(copy), "--to", str(to), "--format", fmt, "--steps", "0",
+                            "--shards", "plain"]) == 1
+    assert "plain/b: record 'b' of shard plain: its key is on two rows" in capsys.readouterr().out
+    commit = json.loads((to / commit_path("plain")).read_text())
+    assert commit["written"] == 2 and [e["key"] for e in commit["errors"]] == ["b"]
+    if fmt == "wds":
+        contents = read_shard((to / "plain.tar").read_bytes())
+        assert [s.key for s in contents.samples] == ["b", "masked"] and not contents.errors
+    else:
+        assert sorted(commit["files"]) == ["b.png", "masked.decoded.png"]
+
+
+def test_a_key_with_a_nul_is_that_records_error_in_a_tar_never_a_cut_member_name(archive, tmp_path, capsys):
+    """tar cuts member names at NUL: "m\\0 0.png" and "m\\0 0.cls" were both written as a member "m"."""
+    copy = copy_archive(archive, tmp_path / "copy")
+    location = open_location(str(copy))
+    table = read_manifest(location, "plain")
+    write_table(location, manifest_path("plain"), table.set_column(
+        table.schema.get_field_index("key"), "key", pa.array(["b", "masked", "m\0 0"], pa.string())))
+    to = tmp_path / "wds"
+    assert decode_job.main(["--input", str(copy), "--to", str(to), "--format", "wds", "--steps", "0",
+                            "--shards", "plain"]) == 1
+    assert "a key with a NUL character cannot name tar members" in capsys.readouterr().out
+    contents = read_shard((to / "plain.tar").read_bytes())
+    assert [s.key for s in contents.samples] == ["b", "masked"] and not contents.errors
+    assert [e["key"] for e in json.loads((to / commit_path("plain")).read_text())["errors"]] == ["m\0 0"]
 
 
 def test_rerun_skips_decoded_shards_and_never_leaves_a_half_shard(archive, tmp_path):
