@@ -30,6 +30,9 @@ from . import bitstream
 from .bitstream import BitstreamError, Header
 from .registry import Weights, describe_weights
 
+#: the most diffusion steps a decode may ask for (a bound every reader can check before decoding)
+MAX_STEPS = 1000
+
 
 @dataclass(frozen=True)
 class Latents:

@@ -45,7 +45,7 @@ import pyarrow as pa
 import torch
 
 from model import BitstreamError, Codec
-from model.cdc.codec import MAX_STEPS
+from model.codec import MAX_STEPS
 from model.codec import Latents
 from model.registry import WeightsNotInstalled, load_codec_for
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .. import entropy, exact
 from ..bitstream import BitstreamError, Header, read_varint, varint
-from ..codec import Codec, Latents
+from ..codec import MAX_STEPS, Codec, Latents
 from ..images import as_rgb8
 from ..registry import Weights
 from .exact_parts import CodePass, ExactContext, ExactHyperDecoder
@@ -44,7 +44,6 @@ from .model import STRIDE, CDCModel
 #: parameters only training needs (the stream's tables come from their exact integer export)
 TRAINING_ONLY = ("h_s.", "z_density.")
 
-MAX_STEPS = 1000
 DEFAULT_SEED = 0
 #: padded pixels per network call when encoding or synthesizing a batch (bounds memory: ~24
 #: 768x512 photos; the content decoder's activations take ~0.2 KB a pixel in float32)
