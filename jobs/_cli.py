@@ -13,14 +13,16 @@ import json
 import logging
 import os
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import fsspec
 from safetensors import SafetensorError
 
 from model import load_codec
 from model.registry import canonical_name
+from pipeline.storage import redact_url
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 USAGE = 2  # exit status of a user's mistake, as argparse's
@@ -166,9 +168,24 @@ def check_codec(name: str) -> str:
     return canonical
 
 
-def check_output(url: str, flag: str, env: dict[str, str] | os._Environ = os.environ) -> str:
-    """An output location as given, unless it is a relative path under `ray job submit`, or a
-    local path that is (or lies under) a file: refused.
+def check_location(url: str, flag: str, storage_options: Mapping | None = None) -> str:
+    """A URL as given, once its filesystem can be made with `storage_options` (nothing is
+    requested yet): an unknown protocol or a filesystem not installed was a traceback from deep
+    in fsspec. The message never shows option values. (s3fs takes any option here and refuses
+    an unknown one only when it connects.)"""
+    try:
+        fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as exc:
+        raise UsageError(f"{flag} {redact_url(url)!r}: its filesystem is not installed ({exc})") from exc
+    except (ValueError, TypeError) as exc:  # "Protocol not known: foo"; an option the constructor refuses
+        raise UsageError(f"{flag} {redact_url(url)!r}: {exc} (check the URL and --storage-options)") from exc
+    return url
+
+
+def check_output(url: str, flag: str, storage_options: Mapping | None = None,
+                 env: dict[str, str] | os._Environ = os.environ) -> str:
+    """An output location as given (check_location), unless it is a relative path under `ray job
+    submit`, or a local path that is (or lies under) a file: refused.
 
     Under `ray job submit` the command runs in Ray's temporary copy of --working-dir, so a
     relative output would land in that copy (on whichever node) and be deleted with it. A file
@@ -178,6 +195,7 @@ def check_output(url: str, flag: str, env: dict[str, str] | os._Environ = os.env
         raise UsageError(f"{flag} {url!r} is a relative path, and this runs as a Ray job, in a temporary copy of "
                          f"--working-dir that Ray deletes: give an absolute path on storage that every node sees, or "
                          f"a URL (s3://bucket/archive)")
+    check_location(url, flag, storage_options)
     if "://" not in url or url.startswith("file://"):
         path = Path(url.removeprefix("file://"))
         existing = next(p for p in (path, *path.parents) if p.exists())  # the root exists

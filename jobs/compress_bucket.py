@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     codec_name = check_codec(args.codec)
     with usage_errors(ConfigError):
         config = CompressConfig(inputs=args.input or SAMPLE_SHARDS,
-                                output=check_output(args.output, "--output"), codec=codec_name,
-                                actors=args.actors, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
+                                output=check_output(args.output, "--output", args.storage_options),
+                                codec=codec_name, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                                batch_size=args.batch_size,
                                 storage_options=args.storage_options)
         if not args.input:  # built once the flags are known to be right
             build_sample_shards(SAMPLE_SHARDS)

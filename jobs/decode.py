@@ -21,8 +21,8 @@ import argparse
 import sys
 
 from jobs import cli
-from jobs._cli import (add_storage_options, check_output, non_negative_float, non_negative_int, positive_int,
-                       usage_errors)
+from jobs._cli import (add_storage_options, check_location, check_output, non_negative_float, non_negative_int,
+                       positive_int, usage_errors)
 from pipeline.archive import ArchiveError
 from pipeline.cluster import ConfigError
 from pipeline.decode import FORMATS, decode_archive
@@ -51,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # A setting, an archive or a pool this job cannot take: one line, before any decoding.
     with usage_errors(ArchiveError, ConfigError):
-        summary = decode_archive(args.input, check_output(args.to, "--to"), args.storage_options, keys=args.keys,
-                                 steps=args.steps, chunks=args.chunks, fmt=args.format, shards=args.shards,
+        url = check_location(args.input, "--input", args.storage_options)
+        summary = decode_archive(url, check_output(args.to, "--to", args.storage_options), args.storage_options,
+                                 keys=args.keys, steps=args.steps, chunks=args.chunks, fmt=args.format,
+                                 shards=args.shards,
                                  actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                                  batch_size=args.batch_size, allow_incomplete=args.allow_incomplete)
     print(summary.table())

@@ -61,6 +61,10 @@ def errors_of(stderr: str) -> list[str]:
     (["jobs.cli", "train-hyper", "--source", "cdc-hp128-ctx", "--name", "x", "--run-dir", "r"], "has a context model"),
     (["jobs.train_hyper", "--source", "cdc-hp128", "--name", "x", "--run-dir", "r", "--hyper-widths", "8,8,8"],
      "hyper_widths must be two positive widths"),
+    # a URL of a protocol fsspec does not know was a traceback
+    (["jobs.cli", "decode", "--input", "foo://x", "--to", "b"], "--input 'foo://x': Protocol not known: foo"),
+    (["jobs.cli", "decode", "--input", "a", "--to", "foo://y"], "--to 'foo://y': Protocol not known: foo"),
+    (["jobs.cli", "compress", "--input", ".", "--output", "foo://y"], "--output 'foo://y': Protocol not known: foo"),
 ])
 def test_a_mistake_is_one_line_exit_2_and_ray_never_starts(argv, message, tmp_path):
     """A mistyped --codec used to start Ray and print 126 lines of actor tracebacks."""
