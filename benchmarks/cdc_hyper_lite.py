@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from model.registry import load_codec
 
 from .cdc_context_gain import curve
 from .decode_split import jpeg_decode_rate, median_seconds
+from .machine import cpu_name
 
 RESULTS = Path(__file__).parent / "results" / "cdc_hyper_lite.json"
 SPEED_RATE = "q4"
@@ -62,7 +62,7 @@ def main() -> None:
                for which, name in (("source", args.source), ("lite", args.lite))}}
     report = {"source": args.source, "lite": args.lite, "images": len(full.images), "threads": 1,
               "bd_rate_psnr": bd, "rows": rows, "decode_latents": speed,
-              "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__}}
+              "machine": {"cpu": cpu_name(), "torch": torch.__version__}}
     RESULTS.write_text(json.dumps(report, indent=1))
     print(f"{args.lite} vs {args.source} on {len(full.images)} dev photos: BD-rate (PSNR) {bd:+.2f}%")
     print("| rate | bpp source | bpp lite | extra bits | PSNR source | PSNR lite |")

@@ -6,8 +6,10 @@ For each codec, on the dev photos (768x512), images/s of:
   decode_latents          the exact half (entropy decoding, integer hyper-synthesis, context passes)
   synthesize, batch 1     the float content decoder (0 steps), one image a call
   synthesize, batched     the same over every image in one call (bucketed by padded shape)
+  ... contiguous          the same with contiguous tensors (the default layout is channels_last)
   synthesize, batched bf16   with the content decoder under bfloat16 autocast
   decompress, batch 1     both halves, one stream a call: what a reader did before the split
+  decompress, batch 1, bf16  the same with the content decoder in bfloat16
 and encode (compress_batch), each against JPEG q90 decoding (Pillow, to a numpy array) measured in
 the same run. Each figure is the median of --repeats passes over the images. A cProfile of
 decode_latents says where its time goes. Writes benchmarks/results/decode_split.json and prints
@@ -20,7 +22,6 @@ import argparse
 import cProfile
 import io
 import json
-import platform
 import pstats
 import statistics
 import time
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.machine import cpu_name
 from model.evaluation import load_images
 from model.paths import DEV_PHOTOS
 from model.registry import load_codec
@@ -84,9 +86,14 @@ def measure_codec(name: str, images: list[np.ndarray], repeats: int) -> dict:
         "synthesize_batch1": n / median_seconds(lambda: [codec.synthesize([item], steps=0) for item in latents],
                                                 repeats),
         "synthesize_batched": n / median_seconds(lambda: codec.synthesize(latents, steps=0), repeats),
+        "synthesize_batched_contiguous": n / median_seconds(
+            lambda: codec.synthesize(latents, steps=0, channels_last=False), repeats),
         "synthesize_batched_bf16": n / median_seconds(
             lambda: codec.synthesize(latents, steps=0, autocast=torch.bfloat16), repeats),
         "decompress_batch1": n / median_seconds(lambda: [codec.decompress(s, steps=0) for s in streams], repeats),
+        "decompress_batch1_bf16": n / median_seconds(
+            lambda: [codec.synthesize(codec.decode_latents([s]), steps=0, autocast=torch.bfloat16) for s in streams],
+            repeats),
         "encode": n / encode_s,
     }
     pixels = sum(img.shape[0] * img.shape[1] for img in images)
@@ -109,7 +116,7 @@ def main() -> None:
         result["fraction_of_jpeg"] = {k: v / jpeg_rate for k, v in result["images_per_s"].items()}
     RESULTS.write_text(json.dumps({
         "images": len(images), "size": f"{images[0].shape[1]}x{images[0].shape[0]}", "threads": 1,
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "cpu": cpu_name(), "torch": torch.__version__,
         "jpeg": {"quality": JPEG_QUALITY, "bpp": jpeg_bpp, "decode_images_per_s": jpeg_rate},
         "goals": {"decode_latents": 1 / 4, "decompress_batch1": 1 / 100}, "codecs": results}, indent=1))
     print(f"{len(images)} dev photos, one thread; Pillow JPEG q{JPEG_QUALITY} ({jpeg_bpp:.2f} bpp) decodes "

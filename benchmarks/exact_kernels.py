@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.machine import cpu_name
 from model.exact import digits
 from model.images import decode_image
 from model.paths import DEV_PHOTOS
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
               "decode_speedup": round(rows[0]["decode_1_chunk_s"] / rows[1]["decode_1_chunk_s"], 2),
               "same_stream": same_stream, "same_image": same_image,
               "int8_gemm_exact_here": digits.int8_gemm_is_exact(), "uqdm_crop": args.size,
-              "threads": args.threads, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+              "threads": args.threads, "cpu": cpu_name(), "torch": torch.__version__}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "exact_kernels.json").write_text(json.dumps(result, indent=2))
     print(f"{'kernels':<9} {'encode s':>9} {'MP/s':>8} {'1 chunk s':>10} {'MP/s':>8}")

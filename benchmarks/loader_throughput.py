@@ -28,7 +28,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import re
 import tempfile
 import time
@@ -40,6 +39,7 @@ import webdataset
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from benchmarks.machine import cpu_name
 from model.paths import DEV_PHOTOS
 from pipeline.archive import Archive, torch_threads
 from pipeline.compress import CompressConfig, run_compress
@@ -212,7 +212,7 @@ def main() -> None:
     report = {"workers": args.workers, "images": args.images, "uqdm_images": args.uqdm_images,
               "uqdm_codec": args.uqdm_codec, "photo_size": "768x512",
               "uqdm_size": f"{args.uqdm_crop}x{args.uqdm_crop}" if args.uqdm_crop else "768x512", "cpu_cores": os.cpu_count(),
-              "machine": platform.processor() or platform.machine(), "torch_threads_per_worker": 1,
+              "machine": cpu_name(), "torch_threads_per_worker": 1,
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

@@ -23,7 +23,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import ray
 from PIL import Image
 
+from benchmarks.machine import cpu_name
 from model import load_codec
 from model.paths import DEV_PHOTOS, SHARED
 from pipeline.compress import CompressConfig, run_compress
@@ -127,7 +127,7 @@ def main() -> None:
     bare_cpu = min(b["cpu_seconds_per_image"] for b in bare)
     runs = [max(results, key=lambda run: run["steady_mp_per_s"]) for results in attempts.values()]
     result = {"codec": args.codec, "images": args.images, "side": args.side, "batch_size": args.batch_size,
-              "cpu_cores": 2, "machine": platform.processor() or platform.machine(),
+              "cpu_cores": 2, "machine": cpu_name(),
               "bare_codec": {"runs_in_ray_worker": bare, "mp_per_s": bare_mp, "cpu_seconds_per_image": bare_cpu,
                              "in_driver": bare_in_driver},
               "repeats": args.repeats, "load_average_after": os.getloadavg(),

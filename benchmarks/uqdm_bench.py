@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.machine import cpu_name
 from model import entropy, load_codec
 from model.metrics import psnr
 from model.paths import DEV_PHOTOS, TRAIN_PHOTOS
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = speed(codec, dev_images()[:args.images])
     else:
         result = memory(args.weights)
-    result["machine"] = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+    result["machine"] = {"cpu": cpu_name(), "torch": torch.__version__,
                          "threads": torch.get_num_threads(), "cores": os.cpu_count()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"uqdm_{args.what}.json").write_text(json.dumps(result, indent=2))

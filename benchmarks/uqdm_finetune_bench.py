@@ -21,7 +21,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from model.uqdm.importer import import_checkpoint
 from model.registry import USER_DIR
 from model.uqdm.train import TrainableUQDM, codec_trajectory, nelbo_bits
 
+from .machine import cpu_name
 from .uqdm_bench import RESULTS, dev_images
 
 PHOTO_SOURCE = USER_DIR / "uqdm-tiny-photo.float.safetensors"
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"photos": len(images), "subset": "UQDM: float NELBO over the checkerboard half of each photo's 64x64 "
                                                "tiles ((row + col) even), seed 0; PNG and WebP: whole photos",
               "mean_bpp": mean, "per_photo": per_photo, "exact_vs_float": exact,
-              "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "machine": {"cpu": cpu_name(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "cores": os.cpu_count()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from model.paths import UQDM_TINY_SOURCE
 from model.uqdm.importer import import_checkpoint
 from model.uqdm.train import TrainableUQDM, nelbo_bits
 
+from .machine import cpu_name
 from .uqdm_bench import RESULTS, dev_images
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
               "br64": "bottom-right 64x64 block of each tile: its bits given the rest of the window "
                       "(neighbour-context proxy), against the same pixels coded as 64x64 tiles",
               "mean": summary, "per_photo": per_photo,
-              "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "machine": {"cpu": cpu_name(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "cores": os.cpu_count(),
                           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
