@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from jobs import cli
 from jobs._cli import (add_storage_options, check_location, check_output, non_negative_float, non_negative_int,
                        positive_int, usage_errors)
@@ -39,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", nargs="+", help="archive shards to decode (default: all)")
     parser.add_argument("--steps", type=non_negative_int, help="diffusion steps (CDC; 0: the mean image)")
     parser.add_argument("--chunks", type=positive_int, help="progressive prefix: number of chunks (UQDM)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="CDC's content decoder in bfloat16: pixels within 2 levels of float32, 0-step decoding "
+                             "3-4x faster on CPUs with AMX (default: float32)")
     parser.add_argument("--actors", type=positive_int, help="decoder actors (default: one per GPU, else one per CPU)")
     parser.add_argument("--gpus-per-actor", type=non_negative_float,
                         help="GPUs per decoder (default: 1 if the cluster has GPUs)")
@@ -56,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
                                  keys=args.keys, steps=args.steps, chunks=args.chunks, fmt=args.format,
                                  shards=args.shards,
                                  actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                                 batch_size=args.batch_size, allow_incomplete=args.allow_incomplete)
+                                 batch_size=args.batch_size, allow_incomplete=args.allow_incomplete,
+                                 autocast=torch.bfloat16 if args.bf16 else None)
     print(summary.table())
     return 1 if summary.errors or summary.failed_shards else 0
 

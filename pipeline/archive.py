@@ -277,18 +277,22 @@ class Archive(Mapping):
         return self.fetch([self.record(key, shard)], chunks)[0]
 
     def decode(self, key: str, steps: int | None = None, chunks: int | None = None,
-               shard: str | None = None) -> np.ndarray:
-        """Decode one image; `steps` diffusion steps (CDC), `chunks` progressive prefix (UQDM)."""
-        return self.decode_rows([self.record(key, shard)], steps, chunks)[0]
+               shard: str | None = None, autocast: torch.dtype | None = None) -> np.ndarray:
+        """Decode one image; `steps` diffusion steps (CDC), `chunks` progressive prefix (UQDM),
+        `autocast` (torch.bfloat16) CDC's content decoder precision (see decode_options)."""
+        return self.decode_rows([self.record(key, shard)], steps, chunks, autocast)[0]
 
     # ------------------------------------------------------------------ batched reading and decoding
     @property
     def progressive(self) -> bool:
         return self.job["progressive"] if "progressive" in self.job else self.codec.progressive
 
-    def decode_options(self, steps: int | None = None, chunks: int | None = None) -> dict:
-        """The codec options for `steps` and `chunks`; ArchiveError for what this archive cannot take."""
-        return decode_options(self.progressive, f"{self.url} holds {self.job['codec']} streams", steps, chunks)
+    def decode_options(self, steps: int | None = None, chunks: int | None = None,
+                       autocast: torch.dtype | None = None) -> dict:
+        """The codec options for `steps`, `chunks` and `autocast`; ArchiveError for what this archive
+        cannot take."""
+        return decode_options(self.progressive, f"{self.url} holds {self.job['codec']} streams", steps, chunks,
+                              autocast)
 
     @property
     def codec(self) -> Codec:
@@ -362,9 +366,10 @@ class Archive(Mapping):
                 out[i] = record
         return out
 
-    def decode_rows(self, rows: Sequence[dict], steps: int | None = None, chunks: int | None = None) -> list[np.ndarray]:
+    def decode_rows(self, rows: Sequence[dict], steps: int | None = None, chunks: int | None = None,
+                    autocast: torch.dtype | None = None) -> list[np.ndarray]:
         """Fetch and decode records (manifest rows) in one batch: HxWx3 uint8 images."""
-        options = self.decode_options(steps, chunks)
+        options = self.decode_options(steps, chunks, autocast)
         return decompress(self.codec, self.fetch(rows, chunks), rows, options, self.url, self.threads)
 
     def latents_of_rows(self, rows: Sequence[dict], chunks: int | None = None) -> list[Latents | bytes]:
@@ -379,8 +384,20 @@ class Archive(Mapping):
         return decode_latents(self.codec, datas, rows, options, self.url, self.threads)
 
 
-def decode_options(progressive: bool, what: str, steps: int | None, chunks: int | None) -> dict:
-    """Codec options for `steps` and `chunks`, or a clear ArchiveError; `what` says whose streams these are."""
+#: the precisions CDC's content decoder may run in (autocast), each within the tested pixel bound
+AUTOCAST = (torch.bfloat16, torch.float16)
+
+
+def decode_options(progressive: bool, what: str, steps: int | None, chunks: int | None,
+                   autocast: torch.dtype | None = None) -> dict:
+    """Codec options for `steps`, `chunks` and `autocast`, or a clear ArchiveError; `what` says whose
+    streams these are. autocast (bf16: 3-4x faster 0-step decoding on a CPU with AMX, within 2
+    levels) applies to CDC only: UQDM's pixels are exact."""
+    if autocast is not None:
+        if progressive:
+            raise ArchiveError(f"{what}, which decode exactly: autocast (bf16) is CDC's speed option")
+        if autocast not in AUTOCAST:
+            raise ArchiveError(f"autocast must be one of {AUTOCAST} (or None: float32), got {autocast!r}")
     if chunks is not None:
         if not progressive:
             raise ArchiveError(f"{what}, which are not progressive: a prefix of chunks applies to UQDM archives "
@@ -394,7 +411,8 @@ def decode_options(progressive: bool, what: str, steps: int | None, chunks: int 
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS):
         raise ArchiveError(f"steps must be a whole number of diffusion steps in 0..{MAX_STEPS} (0: the mean image), "
                            f"got {steps!r}")
-    return {name: value for name, value in (("steps", steps), ("chunks", chunks)) if value is not None}
+    return {name: value for name, value in (("steps", steps), ("chunks", chunks), ("autocast", autocast))
+            if value is not None}
 
 
 def decompress(codec: Codec, datas: Sequence[bytes], rows: Sequence[dict], options: Mapping,

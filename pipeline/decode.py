@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import ray
+import torch
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
@@ -90,11 +91,13 @@ class DecodeConfig:
     steps: int | None = None
     chunks: int | None = None
     batch_size: int = 8
+    autocast: torch.dtype | None = None
 
     def settings(self, keys: Iterable[str] | None) -> dict:
         """What a shard's output depends on: a rerun with other settings must not mix with it."""
         digest = None if keys is None else hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()
-        return {"format": self.fmt, "steps": self.steps, "chunks": self.chunks, "keys": digest}
+        precision = {} if self.autocast is None else {"autocast": str(self.autocast)}  # older commits have none
+        return {"format": self.fmt, "steps": self.steps, "chunks": self.chunks, "keys": digest, **precision}
 
 
 @dataclass
@@ -124,14 +127,15 @@ def decode_archive(url: str, to: str, storage_options: Mapping | None = None, ke
                    steps: int | None = None, chunks: int | None = None, fmt: str = "png", *,
                    shards: Iterable[str] | None = None, actors: int | None = None,
                    gpus_per_actor: float | None = None, batch_size: int = 8,
-                   allow_incomplete: bool = False) -> DecodeSummary:
+                   allow_incomplete: bool = False, autocast: torch.dtype | None = None) -> DecodeSummary:
     """Decode an archive's records (all, those with `keys`, those in `shards`) into `to`, on Ray
-    (joined or started in-process). Safe to rerun: shards already decoded are skipped."""
+    (joined or started in-process). Safe to rerun: shards already decoded are skipped.
+    `autocast` (torch.bfloat16): CDC's content decoder in that precision (Archive.decode_options)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    config = DecodeConfig(url, to, dict(storage_options or {}), fmt, steps, chunks, batch_size)
+    config = DecodeConfig(url, to, dict(storage_options or {}), fmt, steps, chunks, batch_size, autocast)
     archive = Archive(url, config.storage_options, allow_incomplete=allow_incomplete)
-    archive.decode_options(steps, chunks)  # a setting the archive cannot take fails before any work
+    archive.decode_options(steps, chunks, autocast)  # a setting the archive cannot take fails before any work
     keys = None if keys is None else list(keys)
     if keys is None:
         sizes = archive.shard_sizes(shards)
@@ -260,9 +264,9 @@ class ShardDecoder:
 
     def _decode(self, batch: list[dict]) -> list:
         """Images, or for a record that cannot be read or decoded its ArchiveError (the others still decode)."""
-        steps, chunks = self.config.steps, self.config.chunks
+        config = self.config
         try:
-            return self.archive.decode_rows(batch, steps, chunks)
+            return self.archive.decode_rows(batch, config.steps, config.chunks, config.autocast)
         except ArchiveError as exc:
             if len(batch) == 1:
                 return [exc]

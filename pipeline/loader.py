@@ -28,6 +28,8 @@ so it can be large; images are fetched and decoded in batches of `decode_batch` 
 codec's decompress_batch (adjacent records in one ranged read, prefixes alone for UQDM's
 `chunks`), on `device` when one is given (e.g. "cuda:0"; with CUDA, use the spawn or forkserver
 start method, or do not touch CUDA in the main process before the workers fork).
+`autocast=torch.bfloat16` runs CDC's content decoder in bf16: within 2 levels of float32, and
+3-4x faster 0-step decoding on a CPU with AMX.
 
 Decoding on the training GPU, `decode_on="device"`: the workers run only the exact half of
 decoding (CDC: entropy decoding and the integer hyper-synthesis, cheap, CPU) and yield
@@ -73,7 +75,7 @@ class ArchiveDataset(IterableDataset):
                  rank: int | None = None, world_size: int | None = None, equal_lengths: str | None = None,
                  decode_batch: int = 8, device: str | None = None, layout: str = "HWC",
                  dtype: torch.dtype = torch.uint8, transform: Callable[[torch.Tensor], object] | None = None,
-                 allow_incomplete: bool = False, decode_on: str = "worker"):
+                 allow_incomplete: bool = False, decode_on: str = "worker", autocast: torch.dtype | None = None):
         check_image_format(layout, dtype)
         _check_decode_on(decode_on, device, transform)
         if equal_lengths not in EQUAL_LENGTHS:
@@ -81,13 +83,14 @@ class ArchiveDataset(IterableDataset):
         if decode_batch < 1 or shuffle_buffer < 1:
             raise ValueError("decode_batch and shuffle_buffer must be at least 1")
         self.url, self.storage_options = url, dict(storage_options or {})
-        self.steps, self.chunks, self.device, self.transform = steps, chunks, device, transform
+        self.steps, self.chunks, self.autocast = steps, chunks, autocast
+        self.device, self.transform = device, transform
         self.layout, self.dtype = layout, dtype
         self.shuffle, self.seed, self.shuffle_buffer, self.decode_batch = shuffle, seed, shuffle_buffer, decode_batch
         self.equal_lengths, self.allow_incomplete, self.decode_on = equal_lengths, allow_incomplete, decode_on
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         archive = Archive(url, self.storage_options, allow_incomplete=allow_incomplete)
-        archive.decode_options(steps, chunks)  # a setting this archive cannot take fails here, not in a worker
+        archive.decode_options(steps, chunks, autocast)  # what this archive cannot take fails here, not in a worker
         shards = None if shards is None else list(shards)
         if keys is None:
             sizes = archive.shard_sizes(shards)
@@ -149,7 +152,7 @@ class ArchiveDataset(IterableDataset):
                 field, decoded = "latents", archive.latents_of_rows(rows, self.chunks)
             else:
                 field, decoded = "image", [self._image(image) for image in
-                                           archive.decode_rows(rows, self.steps, self.chunks)]
+                                           archive.decode_rows(rows, self.steps, self.chunks, self.autocast)]
             for row, item in zip(rows, decoded):
                 yield {"__key__": row["key"], "__shard__": row["shard"], field: item, "extras": row["extras"]}
             for shard, _ in batch:
@@ -162,9 +165,10 @@ class ArchiveDataset(IterableDataset):
         return self.transform(tensor) if self.transform else tensor
 
     def synthesizer(self, device: str | torch.device | None = None, **options) -> Synthesizer:
-        """The Synthesizer for this dataset's latents (decode_on="device"), with its steps, layout
-        and dtype, on `device` (default: CUDA when present, else the CPU); options: autocast,
+        """The Synthesizer for this dataset's latents (decode_on="device"), with its steps, autocast,
+        layout and dtype, on `device` (default: CUDA when present, else the CPU); options: autocast,
         channels_last, threads (see Synthesizer)."""
+        options = {"autocast": self.autocast, **options}
         return Synthesizer(self.url, self.storage_options, device=device, steps=self.steps, chunks=self.chunks,
                            layout=self.layout, dtype=self.dtype, allow_incomplete=self.allow_incomplete, **options)
 
@@ -195,15 +199,15 @@ class Synthesizer:
 
     def __init__(self, url: str, storage_options: Mapping | None = None, *, device: str | torch.device | None = None,
                  steps: int | None = None, chunks: int | None = None, layout: str = "HWC",
-                 dtype: torch.dtype = torch.uint8, autocast: torch.dtype | None = None, channels_last: bool = False,
-                 threads: int | None = 1, allow_incomplete: bool = False):
+                 dtype: torch.dtype = torch.uint8, autocast: torch.dtype | None = None,
+                 channels_last: bool | None = None, threads: int | None = 1, allow_incomplete: bool = False):
         check_image_format(layout, dtype)
         archive = Archive(url, storage_options, device=device, allow_incomplete=allow_incomplete)
-        self.options = archive.decode_options(steps, chunks)  # what this archive cannot take fails here
-        if autocast is not None or channels_last:
+        self.options = archive.decode_options(steps, chunks, autocast)  # what this archive cannot take fails here
+        if channels_last is not None:
             if archive.progressive:
-                raise ValueError("autocast and channels_last are CDC's speed options; UQDM decodes exactly")
-            self.options.update(autocast=autocast, channels_last=channels_last)
+                raise ValueError("channels_last is CDC's speed option; UQDM decodes exactly")
+            self.options.update(channels_last=channels_last)
         self.codec, self.layout, self.dtype = archive.codec, layout, dtype  # the weights load now, not mid-epoch
         self.device, self.url, self.threads = self.codec.device, url, threads
 

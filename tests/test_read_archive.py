@@ -346,8 +346,10 @@ def test_latents_of_a_uqdm_archive_synthesize_to_its_exact_prefix_images(uqdm_ar
     assert all(isinstance(item, bytes) for item in archive.latents_of_rows(rows, chunks=2))
     with pytest.raises(ArchiveError, match="choose the prefix with chunks"):
         Synthesizer(str(uqdm_archive), steps=2)
-    with pytest.raises(ValueError, match="UQDM decodes exactly"):
+    with pytest.raises(ArchiveError, match="which decode exactly: autocast"):
         Synthesizer(str(uqdm_archive), autocast=torch.bfloat16)
+    with pytest.raises(ValueError, match="UQDM decodes exactly"):
+        Synthesizer(str(uqdm_archive), channels_last=True)
 
 
 def test_ray_data_in_two_stages_decodes_what_archive_decode_decodes(cdc_archive, uqdm_archive):

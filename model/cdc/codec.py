@@ -161,10 +161,11 @@ class CDCCodec(Codec):
 
     # ----- decoding ------------------------------------------------------------------------
     def decompress_batch(self, datas: Sequence[bytes], steps: int | None = None, stochastic: bool = False,
-                         seed: int | None = DEFAULT_SEED) -> list[np.ndarray]:
-        """Decode streams: `steps` = 0 gives the mean image; > 0, that many DDIM steps (see synthesize)."""
+                         seed: int | None = DEFAULT_SEED, autocast: torch.dtype | None = None) -> list[np.ndarray]:
+        """Decode streams: `steps` = 0 gives the mean image; > 0, that many DDIM steps; `autocast`
+        the content decoder's precision (see synthesize_tensors)."""
         self._check_steps(steps)
-        return self.synthesize(self.decode_latents(datas), steps, stochastic=stochastic, seed=seed)
+        return self.synthesize(self.decode_latents(datas), steps, stochastic=stochastic, seed=seed, autocast=autocast)
 
     def decode_latents(self, datas: Sequence[bytes]) -> list[CDCLatents]:
         """Entropy decoding and the exact hyper-synthesis: y-hat of each stream, exact everywhere."""
