@@ -89,3 +89,29 @@ def test_the_exact_lite_hyper_synthesis_follows_its_float_network(tiny_run):
     position, mean = codec.model.h_s.double()(z)
     assert (means - mean).abs().max() < 0.01
     assert (levels - position.clamp(0, codec.config.scale_levels - 1)).abs().max() <= 1.0
+
+
+def test_new_exports_keep_hidden_activations_in_int16_and_releases_keep_the_bound_they_coded_with(tiny_run, cdc,
+                                                                                               monkeypatch):
+    """int16 hidden activations let h_s's large convolutions run on exact int8 GEMMs
+    (model.exact.digits); cdc-hp128's streams were written with 2^20 and decode with it."""
+    from model.cdc import exact_parts
+
+    *_, weights = tiny_run
+    codec = CDCCodec(weights, device="cpu")
+    assert codec.hyper.chain.bound == exact_parts.HIDDEN_BOUND == (1 << 15) - 1
+    assert cdc.hyper.chain.bound == exact_parts.LEGACY_HIDDEN_BOUND == (1 << 20) - 1
+    seen = []
+    requantize = exact_parts.exact.requantize
+
+    def recording(acc, multiplier, bound):
+        out = requantize(acc, multiplier, bound)
+        seen.append((bound, float(out.abs().max()), float((out.abs() == bound).double().mean())))
+        return out
+
+    monkeypatch.setattr(exact_parts.exact, "requantize", recording)
+    data = codec.compress(photo_crop(10, 20, 128, 192))
+    assert torch.equal(codec.decode_symbols(data)[1], codec.encode_symbols(photo_crop(10, 20, 128, 192))[1])
+    hidden = [entry for entry in seen if entry[0] == exact_parts.HIDDEN_BOUND]
+    assert hidden and all(0 < largest <= exact_parts.HIDDEN_BOUND and clamped < 1e-3
+                          for _, largest, clamped in hidden), hidden

@@ -61,6 +61,8 @@ def errors_of(stderr: str) -> list[str]:
     (["jobs.cli", "train-hyper", "--source", "cdc-hp128-ctx", "--name", "x", "--run-dir", "r"], "has a context model"),
     (["jobs.train_hyper", "--source", "cdc-hp128", "--name", "x", "--run-dir", "r", "--hyper-widths", "8,8,8"],
      "hyper_widths must be two positive widths"),
+    (["jobs.cli", "train-context", "--source", "cdc-hp128", "--init-from", "cdc-hp128", "--name", "x", "--run-dir",
+      "r"], "cdc-hp128 has context groups none"),
     # a URL of a protocol fsspec does not know was a traceback
     (["jobs.cli", "decode", "--input", "foo://x", "--to", "b"], "--input 'foo://x': Protocol not known: foo"),
     (["jobs.cli", "decode", "--input", "a", "--to", "foo://y"], "--to 'foo://y': Protocol not known: foo"),

@@ -30,6 +30,7 @@ from ..training import CropSampler, load_optimizer_state, save_checkpoint
 from .train import to_unit
 
 log = logging.getLogger(__name__)
+HELD_OUT = 64  # the cache's last latents: scored at every log row, never trained on
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,10 @@ class LatentCache:
             save_file(tensors, str(partial))
         return cls(tensors)
 
-    def split(self, held_out: int) -> tuple[LatentCache, LatentCache]:
-        """(all but the last `held_out` latents, those last ones)."""
+    def split(self, held_out: int = HELD_OUT) -> tuple[LatentCache, LatentCache]:
+        """(all but the last `held_out` latents, those last ones); at most a quarter of a small cache."""
+        held_out = min(held_out, max(1, self.y.shape[0] // 4))
+
         def part(rows: slice) -> LatentCache:
             return LatentCache({"y": self.y[rows], "levels": self.levels[rows], "means": self.means[rows]})
 

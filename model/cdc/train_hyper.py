@@ -40,13 +40,12 @@ from ..training import write_curve
 from .codec import CDCCodec
 from .config import CDCConfig
 from .exact_parts import export_exact
-from .frozen import FrozenTrainConfig, LatentCache, train_rate
+from .frozen import HELD_OUT, FrozenTrainConfig, LatentCache, train_rate
 from .model import STRIDE, gaussian_likelihood, scale_of, ste_round, z_likelihood
 from .nets import HyperDecoder, HyperEncoder
 
 log = logging.getLogger(__name__)
 CURVE_FIELDS = ("step", "elapsed_s", "bpp", "held_out_bpp", "lr")
-HELD_OUT = 64  # cached latents scored at every log row, never trained on
 
 
 @dataclass(frozen=True)
