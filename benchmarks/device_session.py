@@ -282,8 +282,10 @@ def _sync() -> None:
 
 
 def train(out: Path, data: str, content_minutes: float, diffusion_minutes: float, batch: int,
-          device: str = "cuda") -> None:
-    """CDC content stage, then diffusion stage, on the GPU; the final state dict back in three files."""
+          device: str = "cuda", init_from: str | None = "cdc-hp128") -> None:
+    """CDC content stage, then diffusion stage, on the GPU; the final state dict back in three files.
+    The content stage continues `init_from`'s networks (shipped weights: each lease adds to the
+    last shipped model instead of starting over; None: from scratch)."""
     from model.cdc.config import TrainConfig
     from model.cdc.train import train as run_stage
 
@@ -293,7 +295,7 @@ def train(out: Path, data: str, content_minutes: float, diffusion_minutes: float
     common = dict(name="cdc-hp128", data=data, scales=(1.0,), batch_size=batch, device=device, threads=8,
                   log_every=100, checkpoint_every=10**9)
     content = TrainConfig(run_dir="/tmp/gpu-run/content", stage="content", minutes=content_minutes, lr=2e-4,
-                          warmup=300, **common)
+                          warmup=300, init_from=init_from, **common)
     model, curve = run_stage(content)
     _save_parts(model, out / "content")
     (out / "curve.json").write_text(json.dumps(curve))
@@ -337,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--diffusion-minutes", type=float, default=1.5)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cuda", help="train: where (cpu for a dry run)")
+    p.add_argument("--init-from", default="cdc-hp128",
+                   help="train: shipped weights the content stage continues ('' : from scratch)")
     args = p.parse_args(argv)
     if args.action == "prepare":
         prepare()
@@ -349,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         (args.folder / "device_check.json").write_text(json.dumps(report, indent=1))
         print(json.dumps(report, indent=1))
     elif args.action == "train":
-        train(args.folder, args.data, args.content_minutes, args.diffusion_minutes, args.batch, args.device)
+        train(args.folder, args.data, args.content_minutes, args.diffusion_minutes, args.batch, args.device,
+              args.init_from or None)
     else:
         print(json.dumps(collect(args.folder), indent=1))
 

@@ -23,5 +23,5 @@ if [ -z "${SKIP_CHECK:-}" ]; then
     timeout 150 python3 -m benchmarks.device_session check "$OUT" > /tmp/check.log 2>&1; tail -5 /tmp/check.log
 fi
 python3 -m benchmarks.device_session train "$OUT" --content-minutes "${CONTENT_MINUTES:-4.0}" \
-    --diffusion-minutes "${DIFFUSION_MINUTES:-1.5}" --batch "${BATCH:-16}" 2>&1 | grep -E "fit in|\"step\": [0-9]*000,|Error|error" | cut -c1-200
+    --diffusion-minutes "${DIFFUSION_MINUTES:-1.5}" --batch "${BATCH:-16}" --init-from "${INIT_FROM-cdc-hp128}" 2>&1 | grep -E "fit in|\"step\": [0-9]*000,|Error|error" | cut -c1-200
 ls -la "$OUT"

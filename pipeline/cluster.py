@@ -64,7 +64,8 @@ def failure(exc: ray.exceptions.RayError) -> str:
     Not the task's function_name: Ray raises most task errors as a class that derives from the
     cause's too (an OSError from a commit is also an OSError), and that has no function_name;
     and not the wrapper's first line, which names the actor and its pid, never why."""
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-        return f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    cause = exc
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
+        cause = exc.cause
+    lines = str(cause).splitlines()
+    return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"

@@ -136,6 +136,9 @@ def decode_archive(url: str, to: str, storage_options: Mapping | None = None, ke
     config = DecodeConfig(url, to, dict(storage_options or {}), fmt, steps, chunks, batch_size, autocast)
     archive = Archive(url, config.storage_options, allow_incomplete=allow_incomplete)
     archive.decode_options(steps, chunks, autocast)  # a setting the archive cannot take fails before any work
+    if chunks is not None and chunks > archive.codec.n_chunks:  # else every record would fail, one by one
+        raise ArchiveError(f"{url} holds {archive.job['codec']} streams of {archive.codec.n_chunks} chunks "
+                           f"({archive.codec.n_chunks} = lossless): chunks {chunks} is past their end")
     keys = None if keys is None else list(keys)
     if keys is None:
         sizes = archive.shard_sizes(shards)

@@ -31,9 +31,18 @@ def mixed(cdc) -> list[bytes]:
             cdc.compress(photo_crop(10, 10, 33, 47)), q1.compress(photo_crop(200, 200, 64, 200))]
 
 
+@pytest.fixture
+def gpu_batching(monkeypatch):
+    """Batches as a GPU makes them (a CPU runs one image a call, measured faster there), so that
+    the batched networks are what these tests hold to the single-image results."""
+    from model.cdc import codec as cdc_codec
+    monkeypatch.setattr(cdc_codec, "CPU_BATCH_PIXELS", cdc_codec.BATCH_PIXELS)
+
+
 @pytest.mark.parametrize("options", [{"steps": 0}, {"steps": 2}, {"steps": 2, "stochastic": True, "seed": 5}],
                          ids=["steps0", "steps2", "stochastic"])
-def test_decompress_is_decode_latents_then_synthesize_and_batching_changes_no_pixel(cdc, mixed, options):
+def test_decompress_is_decode_latents_then_synthesize_and_batching_changes_no_pixel(cdc, mixed, options,
+                                                                                   gpu_batching):
     """On a CPU a batch (equal padded shapes together, rate points mixed) gives each image the
     pixels it gets alone, bit for bit, also with diffusion steps and stochastic noise."""
     steps, rest = options["steps"], {k: v for k, v in options.items() if k != "steps"}
@@ -101,7 +110,7 @@ def test_pixels_at_one_and_two_threads_are_within_the_pixel_bound(cdc, mixed):
 
 
 @pytest.mark.parametrize("name", ["cdc-hp128:q4", "cdc-hp128-ctx:q4"])
-def test_batched_encoding_writes_the_streams_of_one_at_a_time_encoding(name):
+def test_batched_encoding_writes_the_streams_of_one_at_a_time_encoding(name, gpu_batching):
     """compress_batch runs the analysis transform over images of one padded shape together; the
     streams are byte for byte those of encoding each image alone (hyperprior and context model),
     and a batch decodes to the pixels of single decodes."""

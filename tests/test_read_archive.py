@@ -378,3 +378,10 @@ def test_an_archive_decodes_on_all_threads_within_the_pixel_bound_of_the_one_thr
         torch.set_num_threads(saved)
     with pytest.raises(ValueError, match="threads must be at least 1"):
         Archive(str(cdc_archive), threads=0)
+
+
+def test_a_prefix_past_the_streams_end_is_refused_before_any_decoding(uqdm_archive, tmp_path):
+    """It used to decode every record into an error row, one by one."""
+    with pytest.raises(ArchiveError, match="chunks 99 is past their end"):
+        decode_archive(str(uqdm_archive), str(tmp_path / "out"), chunks=99)
+    assert not (tmp_path / "out").exists()

@@ -48,6 +48,11 @@ DEFAULT_SEED = 0
 #: padded pixels per network call when encoding or synthesizing a batch (bounds memory: ~24
 #: 768x512 photos; the content decoder's activations take ~0.2 KB a pixel in float32)
 BATCH_PIXELS = 1 << 23
+#: ... on a CPU: one image a call. Measured one thread, Intel Xeon (AMX): 0-step synthesis of
+#: 768x512 photos 0.38 s an image alone, 0.57 in batches (benchmarks/decode_split.py), of 256x256
+#: crops 56 ms alone, 70 ms four at a time, 68 all at once; encoding 84 vs 93-99 ms (the
+#: activations of a batch fall out of the caches)
+CPU_BATCH_PIXELS = 0
 _CRC = struct.Struct(">I")
 _PARAMS = struct.Struct(">B")  # rate point
 
@@ -120,11 +125,11 @@ class CDCCodec(Codec):
     def _analysis(self, imgs: Sequence[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The float analysis (g_a, the rate's gains, h_a) of each image: (y, h_a(y)), each with a
         batch dimension of 1. Images of one padded shape go through the networks together, at
-        most BATCH_PIXELS padded pixels a call."""
+        most BATCH_PIXELS padded pixels a call (one image a call on a CPU: CPU_BATCH_PIXELS)."""
         rate = torch.tensor([self.rate], device=self.device)
         gain = self.model.gains(rate)[0].double()
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(imgs)
-        for group in _buckets([_padded(*img.shape[:2]) for img in imgs]):
+        for group in _buckets([_padded(*img.shape[:2]) for img in imgs], self._batch_pixels):
             x = torch.cat([self._to_padded_tensor(imgs[i]) for i in group])
             y = self.model.g_a(x).double() * gain
             hyper = self.model.h_a(y.float()).double()
@@ -182,7 +187,8 @@ class CDCCodec(Codec):
                            seed: int | None = DEFAULT_SEED, autocast: torch.dtype | None = None,
                            channels_last: bool = True) -> list[torch.Tensor]:
         """The content decoder and, for steps > 0, DDIM steps, batched over latents of one padded
-        shape (at most BATCH_PIXELS padded pixels a call) on self.device: 3xHxW uint8 tensors.
+        shape (at most BATCH_PIXELS padded pixels a call; on a CPU one image, CPU_BATCH_PIXELS) on
+        self.device: 3xHxW uint8 tensors.
 
         Deterministic decoding (eta = 0) starts from noise drawn with `seed`; `stochastic=True`
         uses eta = 1 with fresh noise at every step: the texture changes with the seed, and
@@ -201,7 +207,7 @@ class CDCCodec(Codec):
             seed = int(np.random.SeedSequence().entropy % (1 << 32))
         images: list[torch.Tensor | None] = [None] * len(latents)
         with self.float_numerics():
-            for group in _buckets([_padded(item.height, item.width) for item in latents]):
+            for group in _buckets([_padded(item.height, item.width) for item in latents], self._batch_pixels):
                 y_hat = torch.from_numpy(np.stack([latents[i].y_hat for i in group])).to(self.device)
                 if channels_last:
                     y_hat = y_hat.contiguous(memory_format=torch.channels_last)
@@ -210,13 +216,19 @@ class CDCCodec(Codec):
                 # in bf16 on a CPU); the UNet's steps in bf16 moved pixels by 6 levels
                 with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
                     x_mean, features = self.model.decode_content(y_hat, rates)
-                # the UNet's steps take contiguous tensors: under channels_last oneDNN picked kernels by
-                # batch size, and an image's pixels changed with its batch (tests.test_decode_split)
-                x_mean, features = x_mean.float().contiguous(), [f.float().contiguous() for f in features]
-                x = x_mean if steps == 0 else self._sample(x_mean, features, steps, stochastic, seed)
+                x = x_mean.float()
+                if steps:  # (at 0 steps the features are not needed: converting them took 40% of the time)
+                    # the UNet's steps take contiguous tensors: under channels_last oneDNN picked kernels by
+                    # batch size, and an image's pixels changed with its batch (tests.test_decode_split)
+                    x = self._sample(x.contiguous(), [f.float().contiguous() for f in features], steps, stochastic,
+                                     seed)
                 for j, i in enumerate(group):
                     images[i] = _to_uint8(x[j, :, :latents[i].height, :latents[i].width])
         return images
+
+    @property
+    def _batch_pixels(self) -> int:
+        return CPU_BATCH_PIXELS if self.device.type == "cpu" else BATCH_PIXELS
 
     def _check_steps(self, steps: int | None) -> int:
         steps = self.default_steps if steps is None else steps
@@ -346,8 +358,8 @@ def _check_work(header: Header, chunks: list[bytes]) -> None:
                              f"payload bytes can describe (at least {needed}): corrupt or hostile")
 
 
-def _buckets(padded: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Indices of images of one padded shape, in groups of at most BATCH_PIXELS padded pixels.
+def _buckets(padded: Sequence[tuple[int, int]], batch_pixels: int) -> list[list[int]]:
+    """Indices of images of one padded shape, in groups of at most `batch_pixels` padded pixels (one at least).
     Images of one shape run through the networks together exactly as each would alone (tested);
     padding them to a common shape would not (their borders would see other images' padding)."""
     by_shape: dict[tuple[int, int], list[int]] = {}
@@ -355,7 +367,7 @@ def _buckets(padded: Sequence[tuple[int, int]]) -> list[list[int]]:
         by_shape.setdefault(shape, []).append(i)
     groups = []
     for (height, width), members in by_shape.items():
-        size = max(1, BATCH_PIXELS // (height * width))
+        size = max(1, batch_pixels // (height * width))
         groups += [members[start:start + size] for start in range(0, len(members), size)]
     return groups
 
