@@ -10,10 +10,11 @@ JPEG quality 95, two photos a shard;
 compressed by compress_bucket (private in-process Ray, 2 CPUs) with cdc-hp128 and with UQDM.
 Each setting reads its archive through DataLoader(num_workers=W, batch_size=None,
 persistent_workers=True) for two epochs: the first warms up (worker start, codec load), the
-second is measured. Settings: CDC steps 0 (the mean image), 1, 2, 4; UQDM prefixes of 1 to 5
-chunks (5 = lossless); CDC steps 0 with decode_on="device" (the workers decode latents,
-the measuring loop synthesizes batches of --batch with a Synthesizer on this machine's CPU,
-float32 and bf16 autocast: what a training loop without a GPU would do); webdataset's WebDataset(...).decode("rgb8") over the JPEG shards (read
+second is measured. Settings: CDC steps 0 (the mean image), 1, 2, 4, and steps 0 in bf16
+(autocast, in the workers); UQDM prefixes of 1 to 5 chunks (5 = lossless); CDC steps 0 with
+decode_on="device" (the workers decode latents, the measuring loop synthesizes batches of
+--batch with a Synthesizer on this machine's CPU, float32 and bf16 autocast: what a training
+loop without a GPU would do); webdataset's WebDataset(...).decode("rgb8") over the JPEG shards (read
 25 times over, as it is too fast to time on a few images).
 
 Where one image's time goes is measured in the main process on one thread: fetching its
@@ -146,7 +147,7 @@ def breakdown(url: str, options: dict) -> dict:
             codec.decode_symbols(data)
             out["entropy_and_hyperprior"] = time.perf_counter() - started
             started = time.perf_counter()
-            codec.decompress(data, steps=0)
+            codec.decompress(data, steps=0, **{k: v for k, v in options.items() if k == "autocast"})
             out["content_decoder"] = time.perf_counter() - started - out["entropy_and_hyperprior"]
         out["diffusion_steps"] = out["decode"] - out["entropy_and_hyperprior"] - out["content_decoder"]
     return out
@@ -188,6 +189,7 @@ def main() -> None:
         urls = jpeg_shards(args.images, root / "jpeg")
         settings = {"webdataset jpeg (baseline)": (None, {})}
         settings.update({f"cdc steps {steps}": ("cdc", {"steps": steps}) for steps in CDC_STEPS})
+        settings["cdc steps 0, bf16"] = ("cdc", {"steps": 0, "autocast": torch.bfloat16})
         settings.update({f"cdc steps 0, decode_on=device{bf16}, batch {args.batch}":
                          ("cdc", {"steps": 0, "device": True, "autocast": torch.bfloat16 if bf16 else None})
                          for bf16 in ("", " bf16")})
