@@ -207,7 +207,8 @@ def main() -> None:
                                                  options["autocast"]), "options": str(options)}
             else:
                 results[name] = {**archive_loader(archives[codec], args.workers, **options),
-                                 "one_image_seconds": breakdown(archives[codec], options), "options": options}
+                                 "one_image_seconds": breakdown(archives[codec], options),
+                                 "options": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in options.items()}}
     for name, gpu in gpu_codec_speeds().items():
         if name in results:
             results[name]["gpu_codec_decode"] = gpu
