@@ -212,7 +212,7 @@ class CDCCodec(Codec):
                 if channels_last:
                     y_hat = y_hat.contiguous(memory_format=torch.channels_last)
                 rates = torch.tensor([latents[i].rate for i in group], device=self.device)
-                # autocast only where it was measured within PIXEL_BOUND: the content decoder (1 level
+                # autocast only where it was measured within PIXEL_BOUND: the content decoder (<= 2 levels
                 # in bf16 on a CPU); the UNet's steps in bf16 moved pixels by 6 levels
                 with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
                     x_mean, features = self.model.decode_content(y_hat, rates)
