@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=positive_int, help="progressive prefix: number of chunks (UQDM)")
     parser.add_argument("--bf16", action="store_true",
                         help="CDC's content decoder in bfloat16: pixels within 2 levels of float32, 0-step decoding "
-                             "3-4x faster on CPUs with AMX (default: float32)")
+                             "2.6x faster on a CPU with AMX (default: float32)")
     parser.add_argument("--actors", type=positive_int, help="decoder actors (default: one per GPU, else one per CPU)")
     parser.add_argument("--gpus-per-actor", type=non_negative_float,
                         help="GPUs per decoder (default: 1 if the cluster has GPUs)")

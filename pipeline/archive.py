@@ -391,7 +391,7 @@ AUTOCAST = (torch.bfloat16, torch.float16)
 def decode_options(progressive: bool, what: str, steps: int | None, chunks: int | None,
                    autocast: torch.dtype | None = None) -> dict:
     """Codec options for `steps`, `chunks` and `autocast`, or a clear ArchiveError; `what` says whose
-    streams these are. autocast (bf16: 3-4x faster 0-step decoding on a CPU with AMX, within 2
+    streams these are. autocast (bf16: 2.6x faster 0-step decoding on a CPU with AMX, within 2
     levels) applies to CDC only: UQDM's pixels are exact."""
     if autocast is not None:
         if progressive:

@@ -29,7 +29,7 @@ codec's decompress_batch (adjacent records in one ranged read, prefixes alone fo
 `chunks`), on `device` when one is given (e.g. "cuda:0"; with CUDA, use the spawn or forkserver
 start method, or do not touch CUDA in the main process before the workers fork).
 `autocast=torch.bfloat16` runs CDC's content decoder in bf16: within 2 levels of float32, and
-3-4x faster 0-step decoding on a CPU with AMX.
+2.6x faster 0-step decoding on a CPU with AMX (benchmarks/results/decode_split.json).
 
 Decoding on the training GPU, `decode_on="device"`: the workers run only the exact half of
 decoding (CDC: entropy decoding and the integer hyper-synthesis, cheap, CPU) and yield
