@@ -67,6 +67,7 @@ def train_context(cfg: ContextTrainConfig) -> tuple[ContextModel, list[dict], li
         context.load_state_dict(released_context(cfg.init_from, config.context_groups))
     train, held_out = LatentCache.build(codec, cfg, Path(cfg.run_dir) / "latents.safetensors").split()
     held_out_batch = (held_out.y, held_out.levels.float(), held_out.means)
+
     def held_out_bits() -> dict:  # as coded (rounded): a figure that does not move with the noise
         return {"held_out_bits_per_latent": float(rate_bits(context, config, *held_out_batch, rounded=True))}
 
